@@ -1,0 +1,161 @@
+// accumulate_ and accumulate_norm_ on the CPU: one sweep, optionally producing the norm.
+#include "../ops.h"
+#include "../static_switch.h"
+#include "../tensor_checks.h"
+#include "flat_chunks.h"
+#include "norm_accumulator.h"
+#include "vec_io.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+
+namespace gradfuse::cpu {
+namespace {
+
+constexpr const char* kAccumulateOp = "gradfuse::accumulate_";
+constexpr const char* kNormOp = "gradfuse::accumulate_norm_";
+
+// acc = (first ? 0 : acc) + scale * grad over [0, n), feeding the new acc values to the norm.
+template <typename acc_t, typename grad_t, bool kFirst, bool kWithNorm, typename Norm>
+void accumulate_segment(acc_t* acc, const grad_t* grad, int64_t n, at::opmath_type<acc_t> scale, Norm& norm) {
+  using math_t = at::opmath_type<acc_t>;
+  using Vec = at::vec::Vectorized<math_t>;
+  const Vec scale_vec(scale);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec base = kFirst ? Vec(math_t(0)) : load_math<math_t>(acc + i);
+    const Vec sum = base + scale_vec * load_math<math_t>(grad + i);
+    store_math(acc + i, sum);
+    if constexpr (kWithNorm) {
+      norm.add(is_reduced_float_v<acc_t> ? load_math<math_t>(acc + i) : sum);  // norm of what was stored
+    }
+  }
+  for (; i < n; ++i) {
+    const math_t base = kFirst ? math_t(0) : to_math<math_t>(acc[i]);
+    acc[i] = static_cast<acc_t>(base + scale * to_math<math_t>(grad[i]));
+    if constexpr (kWithNorm) {
+      norm.add(to_math<math_t>(acc[i]));
+    }
+  }
+}
+
+template <typename T, typename Norm>
+void norm_segment(const T* data, int64_t n, Norm& norm) {
+  using math_t = at::opmath_type<T>;
+  using Vec = at::vec::Vectorized<math_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    norm.add(load_math<math_t>(data + i));
+  }
+  for (; i < n; ++i) {
+    norm.add(to_math<math_t>(data[i]));
+  }
+}
+
+// Sums per-chunk partials in chunk order (independent of the thread count) into the state.
+void merge_partials(const at::Tensor& norm_state, const std::vector<double>& partials, bool inf_norm) {
+  double total = 0.0;
+  for (double p : partials) {
+    total = norm_merge(total, p, inf_norm);
+  }
+  merge_into_norm_state(norm_state.data_ptr<double>(), total, inf_norm);
+}
+
+template <typename acc_t, typename grad_t>
+void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, bool first,
+                      const std::optional<at::Tensor>& norm_state, bool inf_norm) {
+  using math_t = at::opmath_type<acc_t>;
+  const FlatChunks chunks(accs);
+  std::vector<double> partials(norm_state.has_value() ? chunks.num_chunks() : 0, 0.0);
+  GRADFUSE_BOOL_SWITCH(first, kFirst, [&] {
+    GRADFUSE_BOOL_SWITCH(norm_state.has_value(), kWithNorm, [&] {
+      GRADFUSE_BOOL_SWITCH(inf_norm, kInfNorm, [&] {
+        chunks.parallel_for_chunks([&](int64_t c) {
+          NormAccumulator<math_t, kInfNorm> norm;
+          chunks.for_each_segment(c, [&](int64_t t, int64_t begin, int64_t end) {
+            acc_t* acc = accs[t].data_ptr<acc_t>() + begin;
+            const grad_t* grad = grads[t].const_data_ptr<grad_t>() + begin;
+            accumulate_segment<acc_t, grad_t, kFirst, kWithNorm>(acc, grad, end - begin,
+                                                                 static_cast<math_t>(scale), norm);
+          });
+          if constexpr (kWithNorm) {
+            partials[c] = norm.total();
+          }
+        });
+      });
+    });
+  });
+  if (norm_state.has_value()) {
+    merge_partials(*norm_state, partials, inf_norm);
+  }
+}
+
+}  // namespace
+
+void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool first,
+                 const std::optional<at::Tensor>& norm_state, double norm_type) {
+  check_norm_type(kAccumulateOp, norm_type);
+  check_same_length(kAccumulateOp, "grads", grads, "accs", accs);
+  check_all_same_dtype(kAccumulateOp, "accs", accs);
+  check_all_same_dtype(kAccumulateOp, "grads", grads);
+  for (size_t i = 0; i < accs.size(); ++i) {
+    check_dense_float(kAccumulateOp, "accs", i, accs[i]);
+    check_dense_float(kAccumulateOp, "grads", i, grads[i]);
+    check_same_layout(kAccumulateOp, "grads", i, grads[i], "accs", accs[i]);
+    TORCH_CHECK_VALUE(accs[i].device().is_cpu(), kAccumulateOp, ": accs[", i, "] is on ", accs[i].device(),
+                      "; this is the CPU implementation");
+  }
+  if (norm_state.has_value()) {
+    check_norm_state(kAccumulateOp, *norm_state, at::Device(at::kCPU));
+  }
+  if (accs.empty()) {
+    return;
+  }
+  const at::ScalarType acc_type = accs[0].scalar_type();
+  const at::ScalarType grad_type = grads[0].scalar_type();
+  TORCH_CHECK_TYPE(acc_type == grad_type || (acc_type == at::kFloat && at::isReducedFloatingType(grad_type)),
+                   kAccumulateOp, ": accumulators of dtype ", acc_type, " cannot take gradients of dtype ",
+                   grad_type, "; use the gradient dtype, or float32 for float16/bfloat16 gradients");
+  const bool inf_norm = is_inf_norm(norm_type);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_type, "gradfuse_accumulate_cpu", [&] {
+    if constexpr (is_reduced_float_v<scalar_t>) {
+      if (acc_type == at::kFloat) {
+        accumulate_typed<float, scalar_t>(accs, grads, scale, first, norm_state, inf_norm);
+        return;
+      }
+    }
+    accumulate_typed<scalar_t, scalar_t>(accs, grads, scale, first, norm_state, inf_norm);
+  });
+}
+
+void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, double norm_type) {
+  check_norm_type(kNormOp, norm_type);
+  check_norm_state(kNormOp, norm_state, at::Device(at::kCPU));
+  check_all_same_dtype(kNormOp, "tensors", tensors);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_dense_float(kNormOp, "tensors", i, tensors[i]);
+    TORCH_CHECK_VALUE(tensors[i].device().is_cpu(), kNormOp, ": tensors[", i, "] is on ",
+                      tensors[i].device(), "; this is the CPU implementation");
+  }
+  if (tensors.empty()) {
+    return;
+  }
+  const bool inf_norm = is_inf_norm(norm_type);
+  const FlatChunks chunks(tensors);
+  std::vector<double> partials(chunks.num_chunks(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "gradfuse_norm_cpu", [&] {
+    using math_t = at::opmath_type<scalar_t>;
+    GRADFUSE_BOOL_SWITCH(inf_norm, kInfNorm, [&] {
+      chunks.parallel_for_chunks([&](int64_t c) {
+        NormAccumulator<math_t, kInfNorm> norm;
+        chunks.for_each_segment(c, [&](int64_t t, int64_t begin, int64_t end) {
+          norm_segment(tensors[t].const_data_ptr<scalar_t>() + begin, end - begin, norm);
+        });
+        partials[c] = norm.total();
+      });
+    });
+  });
+  merge_partials(norm_state, partials, inf_norm);
+}
+
+}  // namespace gradfuse::cpu

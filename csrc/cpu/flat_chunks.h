@@ -1,0 +1,63 @@
+// Splits a tensor list into fixed-size chunks of its virtual concatenation and runs them in
+// parallel. Chunk boundaries depend only on the sizes, never on the thread count, so
+// per-chunk partial results reduced in chunk order are bitwise reproducible.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace gradfuse::cpu {
+
+// Elements per chunk: large enough to amortise the call, small enough to balance 2..64 threads.
+constexpr int64_t kChunkElements = 16384;
+
+class FlatChunks {
+ public:
+  explicit FlatChunks(at::TensorList tensors) : offsets_(tensors.size() + 1, 0) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      offsets_[i + 1] = offsets_[i] + tensors[i].numel();
+    }
+  }
+
+  int64_t total_elements() const { return offsets_.back(); }
+  int64_t num_chunks() const { return (total_elements() + kChunkElements - 1) / kChunkElements; }
+
+  // Calls segment(tensor_index, begin, end) for every piece of a tensor inside the chunk.
+  template <typename Segment>
+  void for_each_segment(int64_t chunk, const Segment& segment) const {
+    const int64_t lo = chunk * kChunkElements;
+    const int64_t hi = std::min(lo + kChunkElements, total_elements());
+    // First tensor whose range ends after lo (empty tensors are skipped naturally).
+    auto it = std::upper_bound(offsets_.begin(), offsets_.end(), lo);
+    for (int64_t t = (it - offsets_.begin()) - 1; t + 1 < static_cast<int64_t>(offsets_.size()); ++t) {
+      const int64_t start = std::max(lo, offsets_[t]);
+      const int64_t stop = std::min(hi, offsets_[t + 1]);
+      if (offsets_[t] >= hi) {
+        break;
+      }
+      if (stop > start) {
+        segment(t, start - offsets_[t], stop - offsets_[t]);
+      }
+    }
+  }
+
+  // Runs chunk_fn(chunk) for every chunk, in parallel when there is enough work.
+  template <typename ChunkFn>
+  void parallel_for_chunks(const ChunkFn& chunk_fn) const {
+    // Four chunks (64K elements) per task keeps thread start-up cost below the work.
+    constexpr int64_t kGrainChunks = 4;
+    at::parallel_for(0, num_chunks(), kGrainChunks, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        chunk_fn(c);
+      }
+    });
+  }
+
+ private:
+  std::vector<int64_t> offsets_;
+};
+
+}  // namespace gradfuse::cpu

@@ -1,0 +1,112 @@
+#include "tensor_checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace gradfuse {
+
+bool is_supported_float(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+bool is_inf_norm(double norm_type) { return std::isinf(norm_type); }
+
+void check_norm_type(const char* op, double norm_type) {
+  TORCH_CHECK_VALUE(norm_type == 2.0 || (std::isinf(norm_type) && norm_type > 0), op,
+                    ": norm_type must be 2.0 or inf, got ", norm_type);
+}
+
+void check_same_length(const char* op, const char* name, at::TensorList list, const char* ref_name,
+                       at::TensorList ref) {
+  TORCH_CHECK_VALUE(list.size() == ref.size(), op, ": ", name, " has ", list.size(), " tensors but ",
+                    ref_name, " has ", ref.size(), "; they must pair up one to one");
+}
+
+void check_dense_float(const char* op, const char* name, int64_t index, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, "[", index, "] is undefined");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": ", name, "[", index, "] has layout ", t.layout(),
+                    "; gradfuse supports dense (strided) tensors only");
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", name, "[", index, "] has dtype ",
+                   t.scalar_type(), "; supported are float32, float64, float16 and bfloat16");
+  TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), op, ": ", name, "[", index,
+                    "] is not dense in memory (a strided view, an expanded or overlapping tensor); "
+                    "pass a contiguous tensor");
+}
+
+void check_same_layout(const char* op, const char* name, int64_t index, const at::Tensor& t,
+                       const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, "[", index, "] is on ", t.device(),
+                    " but ", ref_name, "[", index, "] is on ", ref.device());
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, "[", index, "] has shape ", t.sizes(),
+                    " but ", ref_name, "[", index, "] has shape ", ref.sizes());
+  TORCH_CHECK_VALUE(t.numel() <= 1 || t.strides() == ref.strides(), op, ": ", name, "[", index,
+                    "] has strides ", t.strides(), " but ", ref_name, "[", index, "] has strides ",
+                    ref.strides(), "; both must share one memory layout");
+}
+
+void check_dtype(const char* op, const char* name, int64_t index, const at::Tensor& t,
+                 at::ScalarType expected) {
+  TORCH_CHECK_TYPE(t.scalar_type() == expected, op, ": ", name, "[", index, "] has dtype ",
+                   t.scalar_type(), " but ", expected, " is required here");
+}
+
+void check_all_same_dtype(const char* op, const char* name, at::TensorList list) {
+  for (size_t i = 1; i < list.size(); ++i) {
+    check_dtype(op, name, static_cast<int64_t>(i), list[i], list[0].scalar_type());
+  }
+}
+
+void check_norm_state(const char* op, const at::Tensor& norm_state, const at::Device& device) {
+  TORCH_CHECK_VALUE(norm_state.scalar_type() == at::kDouble && norm_state.dim() == 1 &&
+                        norm_state.numel() == 2 && norm_state.is_contiguous(),
+                    op, ": norm_state must be a contiguous float64 tensor of shape [2], got ",
+                    norm_state.scalar_type(), " ", norm_state.sizes());
+  TORCH_CHECK_VALUE(norm_state.device() == device, op, ": norm_state is on ", norm_state.device(),
+                    " but the tensors are on ", device);
+}
+
+void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must hold exactly one element, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(), " but the tensors are on ",
+                    device);
+}
+
+GradientReport inspect_gradients(const std::vector<at::Tensor>& params,
+                                 const std::vector<std::optional<at::Tensor>>& grads) {
+  GradientReport report;
+  TORCH_CHECK_VALUE(params.size() == grads.size(), "inspect_gradients: ", params.size(), " params but ",
+                    grads.size(), " gradients");
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!grads[i].has_value() || !grads[i]->defined()) {
+      continue;
+    }
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = *grads[i];
+    std::ostringstream why;
+    if (g.layout() != at::kStrided) {
+      why << "has a " << g.layout() << " gradient; FusedAccumSGD supports dense gradients only";
+    } else if (g.scalar_type() != p.scalar_type()) {
+      why << "has a gradient of dtype " << g.scalar_type() << " but the parameter is " << p.scalar_type();
+    } else if (g.device() != p.device()) {
+      why << "has its gradient on " << g.device() << " but the parameter is on " << p.device();
+    } else if (g.sizes() != p.sizes()) {
+      why << "has a gradient of shape " << g.sizes() << " but the parameter has shape " << p.sizes();
+    } else if (!g.is_non_overlapping_and_dense()) {
+      why << "has a gradient that is not dense in memory (strides " << g.strides()
+          << "); FusedAccumSGD needs gradients laid out like their parameters";
+    }
+    if (!why.str().empty()) {
+      report.bad_index = static_cast<int64_t>(i);
+      report.reason = why.str();
+      return report;
+    }
+    if (g.numel() > 1 && g.strides() != p.strides()) {
+      report.needs_relayout.push_back(static_cast<int64_t>(i));
+    }
+  }
+  return report;
+}
+
+}  // namespace gradfuse

@@ -1,0 +1,35 @@
+// Input checks at the op boundary: every message names the list, the index and the fix.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+namespace gradfuse {
+
+bool is_supported_float(at::ScalarType dtype);
+bool is_inf_norm(double norm_type);  // after check_norm_type: true for inf, false for 2
+
+void check_norm_type(const char* op, double norm_type);
+void check_same_length(const char* op, const char* name, at::TensorList list, const char* ref_name,
+                       at::TensorList ref);
+// A dense (non-overlapping, gap-free) floating tensor the kernels can sweep as flat memory.
+void check_dense_float(const char* op, const char* name, int64_t index, const at::Tensor& t);
+// Same device, shape and memory layout as ref, so flat index i means the same element in both.
+void check_same_layout(const char* op, const char* name, int64_t index, const at::Tensor& t,
+                       const char* ref_name, const at::Tensor& ref);
+void check_dtype(const char* op, const char* name, int64_t index, const at::Tensor& t,
+                 at::ScalarType expected);
+void check_all_same_dtype(const char* op, const char* name, at::TensorList list);
+void check_norm_state(const char* op, const at::Tensor& norm_state, const at::Device& device);
+void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t, const at::Device& device);
+
+// Verdict on a parameter list's gradients, computed in one native pass (cheap for 1000s of tensors).
+struct GradientReport {
+  int64_t bad_index = -1;              // first unusable gradient, -1 when all are usable
+  std::string reason;                  // why it is unusable
+  std::vector<int64_t> needs_relayout; // dense gradients whose strides differ from their parameter's
+};
+GradientReport inspect_gradients(const std::vector<at::Tensor>& params,
+                                 const std::vector<std::optional<at::Tensor>>& grads);
+
+}  // namespace gradfuse

@@ -1,0 +1,106 @@
+"""Validation of FusedAccumSGD's hyperparameters, as strict as torch.optim.SGD's (and
+stricter about NaN), with messages that name the bad value."""
+import math
+import numbers
+
+import torch
+
+# Hyperparameters that apply to the whole optimizer (the global norm spans every group).
+OPTIMIZER_WIDE = ("accumulation_steps", "max_grad_norm", "norm_type", "skip_nonfinite", "error_if_nonfinite",
+                  "accum_dtype")
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _real_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _non_negative(name, value, label):
+    number = _real_number(name, value)
+    if not number >= 0.0 or math.isinf(number):
+        raise ValueError(f"Invalid {label} value: {value}")
+    return number
+
+
+def _flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_lr(lr, check_tensor_value=True):
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not lr.is_floating_point():
+            raise TypeError(f"Tensor lr must be floating point, got {lr.dtype}")
+        if check_tensor_value:  # reads the value: done at construction, not per step
+            check_lr(lr.item())
+        return
+    number = _real_number("lr", lr)
+    if not number >= 0.0 or math.isinf(number):
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_group(group, check_tensor_lr=True):
+    """Per-group hyperparameters (lr, momentum, dampening, weight_decay, nesterov, maximize)."""
+    for key in OPTIMIZER_WIDE:
+        if key in group:
+            raise ValueError(f"{key} is optimizer-wide (the global norm spans every group): pass it to "
+                             f"FusedAccumSGD(...), not in a parameter group")
+    check_lr(group["lr"], check_tensor_lr)
+    momentum = _non_negative("momentum", group["momentum"], "momentum")
+    _non_negative("weight_decay", group["weight_decay"], "weight_decay")
+    dampening = _real_number("dampening", group["dampening"])
+    if not math.isfinite(dampening):
+        raise ValueError(f"Invalid dampening value: {group['dampening']}")
+    nesterov = _flag("nesterov", group["nesterov"])
+    _flag("maximize", group["maximize"])
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def check_accumulation_steps(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"accumulation_steps must be an integer >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"accumulation_steps must be an integer >= 1, got {value}")
+    return int(value)
+
+
+def check_max_grad_norm(value):
+    if value is None:
+        return None
+    number = _real_number("max_grad_norm", value)
+    if not number > 0.0:
+        raise ValueError(f"max_grad_norm must be None (no clipping) or > 0, got {value}")
+    return number
+
+
+def check_norm_type(value):
+    if isinstance(value, str) and value.lower() == "inf":
+        return math.inf
+    number = _real_number("norm_type", value)
+    if number not in (2.0, math.inf):
+        raise ValueError(f"norm_type must be 2.0 or inf (as in clip_grad_norm_), got {value}")
+    return number
+
+
+def check_accum_dtype(value):
+    if value is not None and value not in SUPPORTED_DTYPES:
+        raise ValueError(f"accum_dtype must be None or one of {SUPPORTED_DTYPES}, got {value}")
+    return value
+
+
+def accumulator_dtype(param_dtype, accum_dtype):
+    """The dtype gradients of a param_dtype parameter accumulate in: float32 for half types
+    (unless accum_dtype overrides), the parameter's own dtype otherwise."""
+    reduced = param_dtype in (torch.float16, torch.bfloat16)
+    if accum_dtype is None:
+        return torch.float32 if reduced else param_dtype
+    if accum_dtype == param_dtype or (accum_dtype == torch.float32 and reduced):
+        return accum_dtype
+    raise ValueError(f"accum_dtype={accum_dtype} cannot accumulate {param_dtype} parameters; use None, the "
+                     f"parameter dtype, or torch.float32 for float16/bfloat16 parameters")

@@ -1,0 +1,139 @@
+"""FusedAccumSGD checkpoints: torch.optim.SGD's state-dict format plus a 'gradfuse' entry
+(accumulators, micro-step position, counters). Loading validates everything before any
+state changes."""
+import copy
+
+import torch
+
+from . import hyperparameters as hp
+
+FORMAT_VERSION = 1
+_SGD_GROUP_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+_SGD_STATE_KEYS = {"momentum_buffer"}
+
+
+def export_state(opt, state_dict):
+    """Rewrites Optimizer.state_dict()'s output into SGD's layout and adds the cycle state."""
+    packed = {}
+    for index, state in state_dict["state"].items():
+        state = dict(state)  # Optimizer.state_dict shares these dicts with opt.state
+        initialized = state.pop("momentum_initialized", None)
+        if initialized is not None and not bool(initialized):  # never written: SGD would have no buffer
+            state.pop("momentum_buffer", None)
+        if state:
+            packed[index] = state
+    state_dict["state"] = packed
+    index_of = {id(p): i for i, p in enumerate(opt._params)}
+    state_dict["gradfuse"] = {
+        "format_version": FORMAT_VERSION,
+        "accumulation_steps": opt.accumulation_steps,
+        "micro_step": opt._micro_step,
+        "accumulators": {index_of[id(p)]: acc.clone() for p, acc in opt._accumulators.items()},
+        "skipped_steps": opt.skipped_steps.clone(),
+        "last_grad_norm": None if opt.last_grad_norm is None else opt.last_grad_norm.clone(),
+    }
+    return state_dict
+
+
+def _fail(message):
+    raise ValueError(f"FusedAccumSGD.load_state_dict: {message}")
+
+
+def _check_tensor_for(name, value, param):
+    if not isinstance(value, torch.Tensor):
+        _fail(f"{name} is {type(value).__name__}, expected a tensor")
+    if value.shape != param.shape:
+        _fail(f"{name} has shape {tuple(value.shape)} but its parameter has shape {tuple(param.shape)}")
+    if not value.is_floating_point():
+        _fail(f"{name} has dtype {value.dtype}, expected a floating-point tensor")
+
+
+def _validate(opt, state_dict):
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        _fail("not an optimizer state dict (expected a dict with 'state' and 'param_groups')")
+    groups, saved_groups = opt.param_groups, state_dict["param_groups"]
+    if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(groups):
+        _fail(f"it has {len(saved_groups) if isinstance(saved_groups, (list, tuple)) else 'no'} parameter groups, "
+              f"this optimizer has {len(groups)}")
+    params = opt._params
+    for g, (group, saved) in enumerate(zip(groups, saved_groups)):
+        if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
+            _fail(f"parameter group {g} has a different number of parameters than this optimizer's")
+        missing = [k for k in _SGD_GROUP_KEYS if k not in saved]
+        if missing:
+            _fail(f"parameter group {g} lacks {missing}: this is not a torch.optim.SGD / FusedAccumSGD state dict")
+        candidate = {k: v for k, v in saved.items() if k != "params"}
+        candidate.setdefault("maximize", False)
+        try:
+            hp.check_group(candidate)
+        except (TypeError, ValueError) as error:
+            _fail(f"parameter group {g}: {error}")
+    state = state_dict["state"]
+    if not isinstance(state, dict):
+        _fail("'state' is not a dict")
+    for index, entry in state.items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            _fail(f"state has an entry for parameter {index!r}, but there are {len(params)} parameters")
+        if not isinstance(entry, dict):
+            _fail(f"state of parameter {index} is not a dict")
+        unknown = set(entry) - _SGD_STATE_KEYS
+        if unknown:
+            _fail(f"state of parameter {index} has keys {sorted(unknown)} that SGD does not use "
+                  f"(a state dict of another optimizer?)")
+        if entry.get("momentum_buffer") is not None:
+            _check_tensor_for(f"momentum_buffer of parameter {index}", entry["momentum_buffer"], params[index])
+    extra = state_dict.get("gradfuse")
+    if extra is None:
+        return
+    required = ("format_version", "accumulation_steps", "micro_step", "accumulators", "skipped_steps")
+    if not isinstance(extra, dict) or any(k not in extra for k in required):
+        _fail(f"the 'gradfuse' entry is truncated or corrupted (expected keys {list(required)})")
+    if extra["format_version"] != FORMAT_VERSION:
+        _fail(f"unknown gradfuse format_version {extra['format_version']!r}")
+    micro_step = extra["micro_step"]
+    if isinstance(micro_step, bool) or not isinstance(micro_step, int) or not 0 <= micro_step < opt.accumulation_steps:
+        _fail(f"micro_step {micro_step!r} is outside this optimizer's cycle of {opt.accumulation_steps} micro-steps")
+    if micro_step > 0 and extra["accumulation_steps"] != opt.accumulation_steps:
+        _fail(f"it was saved mid-cycle with accumulation_steps={extra['accumulation_steps']}, this optimizer has "
+              f"{opt.accumulation_steps}")
+    accumulators = extra["accumulators"]
+    if not isinstance(accumulators, dict) or (micro_step == 0 and accumulators):
+        _fail("the saved accumulators do not match the saved micro_step")
+    for index, acc in accumulators.items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            _fail(f"an accumulator names parameter {index!r}, but there are {len(params)} parameters")
+        _check_tensor_for(f"the accumulator of parameter {index}", acc, params[index])
+    skipped = extra["skipped_steps"]
+    if not isinstance(skipped, torch.Tensor) or skipped.numel() != 1 or skipped.is_floating_point():
+        _fail("skipped_steps must be a 1-element integer tensor")
+
+
+def _like_param(value, param, dtype):
+    """A copy of value with param's device and memory layout (the ops sweep flat memory)."""
+    return torch.empty_like(param, dtype=dtype).copy_(value)
+
+
+def import_state(opt, state_dict, base_load):
+    _validate(opt, state_dict)
+    base = {"state": copy.copy(state_dict["state"]), "param_groups": state_dict["param_groups"]}
+    base["state"] = {i: {k: v for k, v in s.items() if v is not None} for i, s in base["state"].items()}
+    base_load(base)  # Optimizer.load_state_dict: casts buffers to each parameter's dtype and device
+    for p in opt._params:
+        state = opt.state.get(p)
+        if state and "momentum_buffer" in state:
+            state["momentum_buffer"] = _like_param(state["momentum_buffer"], p, p.dtype)
+            state["momentum_initialized"] = torch.ones((), dtype=torch.bool, device=p.device)
+    opt._reset_cycle_state()
+    extra = state_dict.get("gradfuse")
+    if extra is None:
+        return
+    opt._rebuild_layout()
+    for index, acc in extra["accumulators"].items():
+        p = opt._params[index]
+        restored = _like_param(acc, p, opt._acc_dtype[p])
+        opt._owned_accumulators[p] = restored
+        opt._accumulators[p] = restored
+    opt._micro_step = extra["micro_step"]
+    opt._skipped_steps = extra["skipped_steps"].to(device=opt._primary_device(), dtype=torch.int64).reshape(())
+    last = extra.get("last_grad_norm")
+    opt.last_grad_norm = None if last is None else last.to(opt._primary_device())

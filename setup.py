@@ -1,0 +1,130 @@
+"""Builds gradfuse._C: the CPU ops always, the CUDA ops when torch is a CUDA build and a
+matching CUDA toolkit is installed (no GPU needed). GRADFUSE_CUDA=0/1 forces the choice."""
+import glob
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def log(message):
+    print(f"[gradfuse setup] {message}", file=sys.stderr)
+
+
+def is_real_toolkit(root):
+    nvcc = os.path.join(root, "bin", "nvcc")
+    return os.path.isfile(nvcc) and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home():
+    """The toolkit root holding the real nvcc and headers; `which nvcc` may be a wrapper
+    script outside the toolkit, so follow it instead of taking its parent folder."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:  # a wrapper script names the real binary: take the first absolute path ending in bin/nvcc
+            with open(real, "r", errors="ignore") as handle:
+                for token in handle.read(4096).split():
+                    if token.startswith("/") and token.endswith("/bin/nvcc"):
+                        candidates.append(os.path.dirname(os.path.dirname(token)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in candidates:
+        if root and is_real_toolkit(root):
+            return os.path.realpath(root)
+    return None
+
+
+def toolkit_version(cuda_home):
+    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+    for token in out.stdout.replace(",", " ").split():
+        if token.startswith("V") and token[1:2].isdigit():
+            return token[1:]
+    return None
+
+
+def decide_cuda():
+    """Returns the toolkit root to build the CUDA sources with, or None for a CPU-only build."""
+    forced = os.environ.get("GRADFUSE_CUDA")
+    import torch
+
+    def refuse(reason):
+        if forced == "1":
+            raise RuntimeError(f"GRADFUSE_CUDA=1 but the CUDA sources cannot be built: {reason}")
+        log(f"building CPU-only: {reason}")
+        return None
+
+    if forced == "0":
+        log("building CPU-only: GRADFUSE_CUDA=0")
+        return None
+    if torch.version.cuda is None:
+        return refuse(f"torch {torch.__version__} is not a CUDA build")
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        return refuse("no CUDA toolkit (bin/nvcc + include/cuda_runtime.h) found; set CUDA_HOME")
+    version = toolkit_version(cuda_home)
+    if version is None or version.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return refuse(f"toolkit {cuda_home} is CUDA {version}, torch was built with CUDA {torch.version.cuda}")
+    log(f"building with CUDA: toolkit {cuda_home} (CUDA {version}), torch {torch.__version__}")
+    return cuda_home
+
+
+def default_arch_list():
+    """Targets for a machine with no visible GPU: Ampere and Hopper, PTX for newer cards."""
+    return "8.0;9.0+PTX"
+
+
+def host_cpu_flags():
+    """AVX2/FMA for at::vec when the build machine has them (the extension is built where it runs)."""
+    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("GRADFUSE_PORTABLE") == "1":
+        return []
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return []
+    if " avx2" in flags and " fma" in flags:
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return []
+
+
+def build_extension():
+    cuda_home = decide_cuda()
+    if cuda_home is not None:
+        os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it
+        os.environ["PATH"] = os.path.join(cuda_home, "bin") + os.pathsep + os.environ.get("PATH", "")
+        import torch
+
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list()
+        log(f"CUDA arch targets: {os.environ.get('TORCH_CUDA_ARCH_LIST', 'those of the visible GPUs')}")
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"] + host_cpu_flags()
+    if "CPU_CAPABILITY=AVX2" not in " ".join(cxx_flags):
+        cxx_flags.append("-DCPU_CAPABILITY=DEFAULT")
+    if cuda_home is None:
+        return CppExtension("gradfuse._C", sources, extra_compile_args={"cxx": cxx_flags}), BuildExtension
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "-DGRADFUSE_WITH_CUDA"]
+    if os.environ.get("GRADFUSE_PTXAS_VERBOSE") == "1":
+        nvcc_flags.append("-Xptxas=-v")  # register / spill report per kernel
+    cxx_flags.append("-DGRADFUSE_WITH_CUDA")
+    extension = CUDAExtension("gradfuse._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+    return extension, BuildExtension
+
+
+extension, build_ext = build_extension()
+setup(
+    ext_modules=[extension],
+    cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
+)
