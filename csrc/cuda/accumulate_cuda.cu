@@ -1,0 +1,160 @@
+// accumulate_ on CUDA: acc = (first ? 0 : acc) + scale * grad in one sweep, optionally adding
+// the norm of the stored accumulators as per-block partials merged on the device.
+#include "../ops.h"
+#include "../static_switch.h"
+#include "../tensor_checks.h"
+#include "cuda_device.h"
+#include "multi_tensor_apply.cuh"
+#include "norm_reduce.cuh"
+#include "vector_io.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+namespace gradfuse::cuda {
+namespace {
+
+constexpr const char* kAccumulateOp = "gradfuse::accumulate_";
+
+// base + scale * grad, multiplied and added separately like the CPU's vector path (no FMA),
+// so both backends round the accumulators identically.
+__device__ __forceinline__ float add_scaled(float base, float scale, float grad) {
+  return __fadd_rn(base, __fmul_rn(scale, grad));
+}
+__device__ __forceinline__ double add_scaled(double base, double scale, double grad) {
+  return __dadd_rn(base, __dmul_rn(scale, grad));
+}
+
+template <typename acc_t, typename grad_t, bool kFirst, bool kWithNorm, bool kInfNorm>
+struct AccumulateOp {
+  using math_t = at::opmath_type<acc_t>;
+  static constexpr int kWidth = pack_width<acc_t, grad_t>();
+  math_t scale;
+  double* partials;
+  int64_t first_block;
+  acc_t* acc = nullptr;
+  const grad_t* grad = nullptr;
+  ThreadNorm<kInfNorm> norm;
+
+  __device__ __forceinline__ bool begin_block() { return true; }
+
+  __device__ __forceinline__ void segment(const TensorTable<2>& table, int t, int64_t begin, int64_t n) {
+    acc = static_cast<acc_t*>(table.ptrs[0][t]) + begin;
+    grad = static_cast<const grad_t*>(table.ptrs[1][t]) + begin;
+    sweep_segment<kWidth>(n, all_vector_aligned(acc, grad), *this);
+  }
+
+  template <int W>
+  __device__ __forceinline__ void run(const int64_t (&elem)[kIlp], const bool (&valid)[kIlp]) {
+    Pack<acc_t, W> a[kIlp];
+    Pack<grad_t, W> g[kIlp];
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      if (valid[k]) {
+        g[k] = load_pack<W>(grad + elem[k]);
+        if constexpr (!kFirst) {
+          a[k] = load_pack<W>(acc + elem[k]);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      if (valid[k]) {
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          const math_t base = kFirst ? math_t(0) : static_cast<math_t>(a[k].val[j]);
+          a[k].val[j] = static_cast<acc_t>(add_scaled(base, scale, static_cast<math_t>(g[k].val[j])));
+          if constexpr (kWithNorm) {
+            norm.add(static_cast<double>(static_cast<math_t>(a[k].val[j])));  // norm of what is stored
+          }
+        }
+        store_pack<W>(acc + elem[k], a[k]);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void end_block() {
+    if constexpr (kWithNorm) {
+      store_block_partial<kInfNorm>(norm.value, partials, first_block);
+    }
+  }
+};
+
+template <typename acc_t, typename grad_t>
+void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, bool first,
+                      const std::optional<at::Tensor>& norm_state, bool inf_norm, const at::Device& device,
+                      cudaStream_t stream) {
+  using math_t = at::opmath_type<acc_t>;
+  GRADFUSE_BOOL_SWITCH(first, kFirst, [&] {
+    GRADFUSE_BOOL_SWITCH(norm_state.has_value(), kWithNorm, [&] {
+      GRADFUSE_BOOL_SWITCH(inf_norm && kWithNorm, kInfNorm, [&] {
+        using Op = AccumulateOp<acc_t, grad_t, kFirst, kWithNorm, kInfNorm>;
+        const MultiTensorLaunch<2, Op> launch({accs, grads}, {true, false}, device.index());
+        if (launch.total_blocks() == 0) {
+          return;  // only empty tensors: nothing to add, a zero partial changes no state
+        }
+        at::Tensor partials;
+        double* partials_ptr = nullptr;
+        if constexpr (kWithNorm) {
+          partials = at::empty({launch.total_blocks()}, norm_state->options());
+          partials_ptr = partials.mutable_data_ptr<double>();
+        }
+        launch.launch(stream, [&](int64_t first_block) {
+          return Op{static_cast<math_t>(scale), partials_ptr, first_block};
+        });
+        if constexpr (kWithNorm) {
+          merge_partials_into_state(partials, *norm_state, kInfNorm, stream);
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+
+void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool first,
+                 const std::optional<at::Tensor>& norm_state, double norm_type) {
+  check_norm_type(kAccumulateOp, norm_type);
+  check_same_length(kAccumulateOp, "grads", grads, "accs", accs);
+  check_all_same_dtype(kAccumulateOp, "accs", accs);
+  check_all_same_dtype(kAccumulateOp, "grads", grads);
+  if (accs.empty() && !norm_state.has_value()) {
+    return;
+  }
+  const at::Device device = accs.empty() ? norm_state->device() : accs[0].device();
+  check_cuda_device(kAccumulateOp, accs.empty() ? "norm_state" : "accs[0]", device);
+  for (size_t i = 0; i < accs.size(); ++i) {
+    check_dense_float(kAccumulateOp, "accs", i, accs[i]);
+    check_dense_float(kAccumulateOp, "grads", i, grads[i]);
+    check_on_device(kAccumulateOp, "accs", i, accs[i], device);
+    check_same_layout(kAccumulateOp, "grads", i, grads[i], "accs", accs[i]);
+  }
+  if (norm_state.has_value()) {
+    check_norm_state(kAccumulateOp, *norm_state, device);
+  }
+  if (accs.empty()) {
+    return;
+  }
+  const at::ScalarType acc_type = accs[0].scalar_type();
+  const at::ScalarType grad_type = grads[0].scalar_type();
+  TORCH_CHECK_TYPE(acc_type == grad_type || (acc_type == at::kFloat && at::isReducedFloatingType(grad_type)),
+                   kAccumulateOp, ": accumulators of dtype ", acc_type, " cannot take gradients of dtype ",
+                   grad_type, "; use the gradient dtype, or float32 for float16/bfloat16 gradients");
+  const bool inf_norm = is_inf_norm(norm_type);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_type, "gradfuse_accumulate_cuda", [&] {
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      if (acc_type == at::kFloat) {
+        accumulate_typed<float, scalar_t>(accs, grads, scale, first, norm_state, inf_norm, device, stream);
+        return;
+      }
+    }
+    accumulate_typed<scalar_t, scalar_t>(accs, grads, scale, first, norm_state, inf_norm, device, stream);
+  });
+}
+
+}  // namespace gradfuse::cuda

@@ -1,0 +1,214 @@
+// The one multi-tensor launcher of every CUDA op: a tensor list becomes a few launches whose
+// kernel parameters carry the tensors' addresses and sizes (no host-to-device copy, graph
+// capturable); each block sweeps an equal, contiguous share of the list's work units.
+#pragma once
+
+#include "cuda_device.h"
+#include "vector_io.cuh"
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace gradfuse::cuda {
+
+constexpr int kBlockThreads = 256;  // 8 warps: enough for the shuffle reduction, many blocks per SM
+constexpr int kWarps = kBlockThreads / 32;
+constexpr int kIlp = 4;  // packs in flight per thread and list, to cover DRAM latency
+// Work-balancing granularity; every tensor starts on a unit, so unit offsets are pack aligned.
+constexpr int64_t kUnitElements = 1024;
+// CUDA 12.1+ accepts this many bytes of kernel parameters on sm_70 and newer.
+constexpr int kMaxParamBytes = 32764;
+// Kept free for the op's own parameters (scalars and pointers) next to the table.
+constexpr int kOpParamBytes = 256;
+
+// Kernel parameter table of one launch: kDepth pointer lists (list 0 gives the sizes).
+template <int kDepth>
+struct TensorTable {
+  static constexpr int kCapacity = (kMaxParamBytes - kOpParamBytes - 16) / (8 * kDepth + 8 + 4) - 1;
+  void* ptrs[kDepth][kCapacity];
+  int64_t numel[kCapacity];
+  int32_t unit_begin[kCapacity + 1];  // prefix sum of ceil(numel / kUnitElements)
+  int32_t num_tensors;
+};
+
+// Index t of the tensor whose units [unit_begin[t], unit_begin[t + 1]) hold unit.
+template <int kDepth>
+__device__ __forceinline__ int find_tensor(const TensorTable<kDepth>& table, int32_t unit) {
+  int lo = 0;
+  int hi = table.num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (table.unit_begin[mid] <= unit) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Op interface: bool begin_block() (false: the block has nothing to do), segment(table, t,
+// begin, n) for elements [begin, begin + n) of tensor t, end_block() (block-wide, e.g. a reduction).
+template <int kDepth, typename Op>
+__global__ void __launch_bounds__(kBlockThreads)
+    multi_tensor_kernel(const __grid_constant__ TensorTable<kDepth> table, Op op) {
+  if (!op.begin_block()) {
+    return;
+  }
+  // Contiguous, equal unit ranges per block: balanced and fixed for given sizes (deterministic).
+  const int64_t units = table.unit_begin[table.num_tensors];
+  const int32_t lo = static_cast<int32_t>(units * blockIdx.x / gridDim.x);
+  const int32_t hi = static_cast<int32_t>(units * (blockIdx.x + 1) / gridDim.x);
+  for (int t = find_tensor(table, lo); t < table.num_tensors && table.unit_begin[t] < hi; ++t) {
+    const int32_t first = table.unit_begin[t];
+    const int64_t begin = static_cast<int64_t>(lo > first ? lo - first : 0) * kUnitElements;
+    const int64_t end = static_cast<int64_t>(hi - first) * kUnitElements;
+    const int64_t stop = end < table.numel[t] ? end : table.numel[t];
+    op.segment(table, t, begin, stop - begin);
+  }
+  op.end_block();
+}
+
+// Calls body.run<W>(elem, valid) for `count` packs of W elements starting at element `first`,
+// kIlp packs per thread and call so their loads are all in flight before any math.
+template <int W, typename Body>
+__device__ __forceinline__ void sweep_packs(int64_t first, int64_t count, Body& body) {
+  for (int64_t p = threadIdx.x; p < count; p += kIlp * kBlockThreads) {
+    int64_t elem[kIlp];
+    bool valid[kIlp];
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      const int64_t q = p + k * kBlockThreads;
+      valid[k] = q < count;
+      elem[k] = first + q * W;
+    }
+    body.template run<W>(elem, valid);
+  }
+}
+
+// n elements: kWidth-element vector packs plus a scalar tail when aligned, scalars otherwise.
+template <int kWidth, typename Body>
+__device__ __forceinline__ void sweep_segment(int64_t n, bool vectorized, Body& body) {
+  if (vectorized) {
+    const int64_t packs = n / kWidth;
+    sweep_packs<kWidth>(0, packs, body);
+    if (packs * kWidth < n) {
+      sweep_packs<1>(packs * kWidth, n - packs * kWidth, body);
+    }
+  } else {
+    sweep_packs<1>(0, n, body);
+  }
+}
+
+// Blocks of this kernel that fit on one SM at once (cached per device).
+template <int kDepth, typename Op>
+int resident_blocks_per_sm(int device) {
+  static std::array<std::atomic<int>, 64> cache{};
+  if (device < static_cast<int>(cache.size())) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) {
+      return known;
+    }
+  }
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, multi_tensor_kernel<kDepth, Op>,
+                                                               kBlockThreads, 0));
+  blocks = blocks > 0 ? blocks : 1;
+  if (device < static_cast<int>(cache.size())) {
+    cache[device].store(blocks, std::memory_order_relaxed);
+  }
+  return blocks;
+}
+
+// Plans and issues the launches of one op over kDepth parallel tensor lists. Empty tensors are
+// left out; a list longer than a table's capacity takes ceil(n / capacity) launches.
+template <int kDepth, typename Op>
+class MultiTensorLaunch {
+  static_assert(sizeof(TensorTable<kDepth>) + sizeof(Op) <= kMaxParamBytes, "kernel parameters too large");
+
+ public:
+  using Table = TensorTable<kDepth>;
+
+  // written[d]: list d is modified (its pointers are taken as mutable).
+  MultiTensorLaunch(const std::array<at::TensorList, kDepth>& lists, const std::array<bool, kDepth>& written,
+                    int device)
+      : lists_(lists), written_(written) {
+    const int64_t resident = static_cast<int64_t>(multiprocessor_count(device)) *
+                             resident_blocks_per_sm<kDepth, Op>(device);
+    Group group;
+    auto close_group = [&] {
+      if (group.tensors.empty()) {
+        return;
+      }
+      group.grid = static_cast<int>(group.units < resident ? group.units : resident);
+      total_blocks_ += group.grid;
+      groups_.push_back(std::move(group));
+      group = Group();
+    };
+    for (size_t i = 0; i < lists[0].size(); ++i) {
+      const int64_t numel = lists[0][i].numel();
+      if (numel == 0) {
+        continue;
+      }
+      const int64_t units = (numel + kUnitElements - 1) / kUnitElements;
+      TORCH_CHECK(units < INT32_MAX, "gradfuse: tensor ", i, " is too large (", numel, " elements)");
+      if (static_cast<int>(group.tensors.size()) == Table::kCapacity || group.units + units > INT32_MAX) {
+        close_group();
+      }
+      group.tensors.push_back(static_cast<int64_t>(i));
+      group.units += units;
+    }
+    close_group();
+  }
+
+  // Blocks over all launches: one norm partial slot each.
+  int64_t total_blocks() const { return total_blocks_; }
+
+  // make_op(first_block) builds the op of a launch whose blocks are first_block, first_block + 1, ...
+  template <typename MakeOp>
+  void launch(cudaStream_t stream, const MakeOp& make_op) const {
+    auto table = std::make_unique<Table>();  // 32KB: kept off the host stack
+    int64_t first_block = 0;
+    for (const Group& group : groups_) {
+      int32_t units = 0;
+      for (size_t slot = 0; slot < group.tensors.size(); ++slot) {
+        const int64_t i = group.tensors[slot];
+        for (int d = 0; d < kDepth; ++d) {
+          const at::Tensor& t = lists_[d][i];
+          table->ptrs[d][slot] = written_[d] ? t.mutable_data_ptr() : const_cast<void*>(t.const_data_ptr());
+        }
+        const int64_t numel = lists_[0][i].numel();
+        table->numel[slot] = numel;
+        table->unit_begin[slot] = units;
+        units += static_cast<int32_t>((numel + kUnitElements - 1) / kUnitElements);
+      }
+      table->unit_begin[group.tensors.size()] = units;
+      table->num_tensors = static_cast<int32_t>(group.tensors.size());
+      multi_tensor_kernel<kDepth, Op><<<group.grid, kBlockThreads, 0, stream>>>(*table, make_op(first_block));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      first_block += group.grid;
+    }
+  }
+
+ private:
+  struct Group {
+    std::vector<int64_t> tensors;
+    int64_t units = 0;
+    int grid = 0;
+  };
+  std::array<at::TensorList, kDepth> lists_;
+  std::array<bool, kDepth> written_;
+  std::vector<Group> groups_;
+  int64_t total_blocks_ = 0;
+};
+
+}  // namespace gradfuse::cuda

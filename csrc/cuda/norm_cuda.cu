@@ -1,0 +1,151 @@
+// accumulate_norm_ and finalize_norm_ on CUDA: per-block norm partials, merged on the device in
+// a fixed order into norm_state; the finalized norm never leaves the device.
+#include "../element_math.h"
+#include "../ops.h"
+#include "../static_switch.h"
+#include "../tensor_checks.h"
+#include "cuda_device.h"
+#include "multi_tensor_apply.cuh"
+#include "norm_reduce.cuh"
+#include "vector_io.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+namespace gradfuse::cuda {
+namespace {
+
+constexpr const char* kNormOp = "gradfuse::accumulate_norm_";
+constexpr const char* kFinalizeOp = "gradfuse::finalize_norm_";
+
+// Norm partial of the elements of one list (table list 0), one partial per block.
+template <typename T, bool kInfNorm>
+struct NormOp {
+  static constexpr int kWidth = pack_width<T>();
+  double* partials;
+  int64_t first_block;
+  const T* data = nullptr;
+  ThreadNorm<kInfNorm> norm;
+
+  __device__ __forceinline__ bool begin_block() { return true; }
+
+  __device__ __forceinline__ void segment(const TensorTable<1>& table, int t, int64_t begin, int64_t n) {
+    data = static_cast<const T*>(table.ptrs[0][t]) + begin;
+    sweep_segment<kWidth>(n, all_vector_aligned(data), *this);
+  }
+
+  template <int W>
+  __device__ __forceinline__ void run(const int64_t (&elem)[kIlp], const bool (&valid)[kIlp]) {
+    Pack<T, W> x[kIlp];
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      if (valid[k]) {
+        x[k] = load_pack<W>(data + elem[k]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      if (valid[k]) {
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          norm.add(static_cast<double>(static_cast<at::opmath_type<T>>(x[k].val[j])));
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void end_block() { store_block_partial<kInfNorm>(norm.value, partials, first_block); }
+};
+
+template <bool kInfNorm>
+__global__ void __launch_bounds__(kBlockThreads)
+    merge_partials_kernel(const double* __restrict__ partials, int64_t count, double* __restrict__ state) {
+  double value = 0.0;
+  for (int64_t i = threadIdx.x; i < count; i += kBlockThreads) {  // fixed order per thread
+    value = norm_merge(value, partials[i], kInfNorm);
+  }
+  const double total = block_norm_merge<kInfNorm>(value);
+  if (threadIdx.x == 0) {  // same merge as the CPU's merge_into_norm_state
+    state[0] = norm_merge(state[0], total, kInfNorm);
+    if (!is_finite(total)) {
+      state[1] = 1.0;
+    }
+  }
+}
+
+__global__ void finalize_norm_kernel(double* __restrict__ state, int64_t* __restrict__ skipped_steps,
+                                     double* __restrict__ result, bool inf_norm, double scale,
+                                     bool count_nonfinite) {
+  const double norm = norm_finalize(state[0], state[1] != 0.0, inf_norm, scale);
+  state[0] = 0.0;  // ready for the next cycle without a separate zeroing pass
+  state[1] = 0.0;
+  if (count_nonfinite && !is_finite(norm)) {
+    skipped_steps[0] += 1;
+  }
+  result[0] = norm;
+}
+
+}  // namespace
+
+void merge_partials_into_state(const at::Tensor& partials, const at::Tensor& norm_state, bool inf_norm,
+                               cudaStream_t stream) {
+  GRADFUSE_BOOL_SWITCH(inf_norm, kInfNorm, [&] {
+    merge_partials_kernel<kInfNorm><<<1, kBlockThreads, 0, stream>>>(
+        partials.const_data_ptr<double>(), partials.numel(), norm_state.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, double norm_type) {
+  check_norm_type(kNormOp, norm_type);
+  const at::Device device = norm_state.device();
+  check_cuda_device(kNormOp, "norm_state", device);
+  check_norm_state(kNormOp, norm_state, device);
+  check_all_same_dtype(kNormOp, "tensors", tensors);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_dense_float(kNormOp, "tensors", i, tensors[i]);
+    check_on_device(kNormOp, "tensors", i, tensors[i], device);
+  }
+  if (tensors.empty()) {
+    return;
+  }
+  const bool inf_norm = is_inf_norm(norm_type);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "gradfuse_norm_cuda", [&] {
+    GRADFUSE_BOOL_SWITCH(inf_norm, kInfNorm, [&] {
+      using Op = NormOp<scalar_t, kInfNorm>;
+      const MultiTensorLaunch<1, Op> launch({tensors}, {false}, device.index());
+      if (launch.total_blocks() == 0) {
+        return;  // only empty tensors: the CPU adds a zero partial, which changes nothing
+      }
+      const at::Tensor partials = at::empty({launch.total_blocks()}, norm_state.options());
+      double* partials_ptr = partials.mutable_data_ptr<double>();
+      launch.launch(stream, [&](int64_t first_block) { return Op{partials_ptr, first_block}; });
+      merge_partials_into_state(partials, norm_state, kInfNorm, stream);
+    });
+  });
+}
+
+at::Tensor finalize_norm_(const at::Tensor& norm_state, const at::Tensor& skipped_steps, double norm_type,
+                          double scale, bool count_nonfinite) {
+  check_norm_type(kFinalizeOp, norm_type);
+  const at::Device device = norm_state.device();
+  check_cuda_device(kFinalizeOp, "norm_state", device);
+  check_norm_state(kFinalizeOp, norm_state, device);
+  check_scalar_tensor(kFinalizeOp, "skipped_steps", skipped_steps, device);
+  check_dtype(kFinalizeOp, "skipped_steps", 0, skipped_steps, at::kLong);
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor result = at::empty({}, norm_state.options());
+  finalize_norm_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream(device.index()).stream()>>>(
+      norm_state.mutable_data_ptr<double>(), skipped_steps.mutable_data_ptr<int64_t>(),
+      result.mutable_data_ptr<double>(), is_inf_norm(norm_type), scale, count_nonfinite);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return result;
+}
+
+}  // namespace gradfuse::cuda

@@ -1,0 +1,274 @@
+// clipped_sgd_step_ on CUDA: every block derives the clip factor and skip decision from the
+// device-resident total norm (and lr tensor), then one pass updates params and momentum.
+#include "../element_math.h"
+#include "../ops.h"
+#include "../static_switch.h"
+#include "../tensor_checks.h"
+#include "cuda_device.h"
+#include "multi_tensor_apply.cuh"
+#include "vector_io.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace gradfuse::cuda {
+namespace {
+
+constexpr const char* kStepOp = "gradfuse::clipped_sgd_step_";
+
+// Where the learning rate comes from: the host value or a 1-element device tensor of this dtype.
+enum class LrSource : int { kValue, kFloat, kDouble, kHalf, kBFloat16 };
+
+struct DeviceLr {
+  const void* ptr;
+  LrSource source;
+  double value;
+
+  __device__ __forceinline__ double read() const {
+    switch (source) {
+      case LrSource::kFloat:
+        return static_cast<double>(*static_cast<const float*>(ptr));
+      case LrSource::kDouble:
+        return *static_cast<const double*>(ptr);
+      case LrSource::kHalf:
+        return static_cast<double>(static_cast<float>(*static_cast<const c10::Half*>(ptr)));
+      case LrSource::kBFloat16:
+        return static_cast<double>(static_cast<float>(*static_cast<const c10::BFloat16*>(ptr)));
+      default:
+        return value;
+    }
+  }
+};
+
+// Host-side settings of one step; the norm-dependent parts are resolved per block on the device.
+struct StepSettings {
+  const double* total_norm;
+  DeviceLr lr;
+  double signed_grad_scale;  // (maximize ? -1 : 1) * grad_scale, as the CPU forms it
+  double max_norm;
+  double weight_decay;
+  double momentum;
+  double dampening;
+  bool nesterov;
+  bool skip_nonfinite;
+};
+
+// List 0 params, 1 grads, and with momentum 2 buffers, 3 initialized flags.
+template <typename param_t, typename grad_t, bool kMomentum>
+struct SgdOp {
+  using math_t = at::opmath_type<param_t>;
+  static constexpr int kDepth = kMomentum ? 4 : 2;
+  static constexpr int kWidth = pack_width<param_t, grad_t>();
+  StepSettings settings;
+  SgdScalars<math_t> s{};
+  param_t* param = nullptr;
+  const grad_t* grad = nullptr;
+  param_t* buffer = nullptr;
+  bool buffer_initialized = false;
+
+  __device__ __forceinline__ bool begin_block() {
+    const double norm = *settings.total_norm;
+    if (skip_update(norm, settings.skip_nonfinite)) {
+      return false;  // a skipped step touches nothing
+    }
+    s.grad_mult = static_cast<math_t>(settings.signed_grad_scale * clip_coefficient(norm, settings.max_norm));
+    s.lr = static_cast<math_t>(settings.lr.read());
+    s.weight_decay = static_cast<math_t>(settings.weight_decay);
+    s.momentum = static_cast<math_t>(settings.momentum);
+    s.dampening_complement = static_cast<math_t>(1.0 - settings.dampening);
+    s.use_momentum = kMomentum;
+    s.nesterov = settings.nesterov;
+    return true;
+  }
+
+  __device__ __forceinline__ void segment(const TensorTable<kDepth>& table, int t, int64_t begin, int64_t n) {
+    param = static_cast<param_t*>(table.ptrs[0][t]) + begin;
+    grad = static_cast<const grad_t*>(table.ptrs[1][t]) + begin;
+    if constexpr (kMomentum) {
+      buffer = static_cast<param_t*>(table.ptrs[2][t]) + begin;
+      buffer_initialized = *static_cast<const bool*>(table.ptrs[3][t]);  // flags change only after this pass
+    }
+    sweep_segment<kWidth>(n, all_vector_aligned(param, grad, buffer), *this);
+  }
+
+  template <int W>
+  __device__ __forceinline__ void run(const int64_t (&elem)[kIlp], const bool (&valid)[kIlp]) {
+    Pack<param_t, W> p[kIlp];
+    Pack<grad_t, W> g[kIlp];
+    Pack<param_t, W> b[kIlp];
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      if (valid[k]) {
+        p[k] = load_pack<W>(param + elem[k]);
+        g[k] = load_pack<W>(grad + elem[k]);
+        if (kMomentum && buffer_initialized) {  // a fresh buffer is overwritten unread
+          b[k] = load_pack<W>(buffer + elem[k]);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      if (valid[k]) {
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          math_t pv = static_cast<math_t>(p[k].val[j]);
+          math_t bv = kMomentum && buffer_initialized ? static_cast<math_t>(b[k].val[j]) : math_t(0);
+          sgd_update(pv, bv, static_cast<math_t>(g[k].val[j]), s, buffer_initialized);
+          p[k].val[j] = static_cast<param_t>(pv);
+          if constexpr (kMomentum) {
+            b[k].val[j] = static_cast<param_t>(bv);
+          }
+        }
+        store_pack<W>(param + elem[k], p[k]);
+        if constexpr (kMomentum) {
+          store_pack<W>(buffer + elem[k], b[k]);
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void end_block() {}
+};
+
+// Marks momentum buffers initialized after a non-skipped step: a separate launch, since the
+// update's blocks read these flags while it runs.
+struct MarkInitializedOp {
+  const double* total_norm;
+  bool skip_nonfinite;
+
+  __device__ __forceinline__ bool begin_block() { return !skip_update(*total_norm, skip_nonfinite); }
+
+  __device__ __forceinline__ void segment(const TensorTable<1>& table, int t, int64_t begin, int64_t n) {
+    if (threadIdx.x == 0) {
+      *static_cast<bool*>(table.ptrs[0][t]) = true;
+    }
+  }
+
+  __device__ __forceinline__ void end_block() {}
+};
+
+template <typename param_t, typename grad_t, bool kMomentum>
+void sgd_step_typed(at::TensorList params, at::TensorList grads, at::TensorList buffers,
+                    at::TensorList initialized, const StepSettings& settings, int device, cudaStream_t stream) {
+  using Op = SgdOp<param_t, grad_t, kMomentum>;
+  const auto make_op = [&](int64_t) { return Op{settings}; };
+  if constexpr (kMomentum) {
+    const MultiTensorLaunch<4, Op> launch({params, grads, buffers, initialized}, {true, false, true, false},
+                                          device);
+    launch.launch(stream, make_op);
+  } else {
+    const MultiTensorLaunch<2, Op> launch({params, grads}, {true, false}, device);
+    launch.launch(stream, make_op);
+  }
+}
+
+// The lr tensor read in place by the kernels (float dtypes), or a float64 copy made on the device.
+DeviceLr resolve_lr(const std::optional<at::Tensor>& lr_tensor, double lr, at::Tensor& holder) {
+  if (!lr_tensor.has_value()) {
+    return DeviceLr{nullptr, LrSource::kValue, lr};
+  }
+  switch (lr_tensor->scalar_type()) {
+    case at::kFloat:
+      return DeviceLr{lr_tensor->const_data_ptr(), LrSource::kFloat, 0.0};
+    case at::kDouble:
+      return DeviceLr{lr_tensor->const_data_ptr(), LrSource::kDouble, 0.0};
+    case at::kHalf:
+      return DeviceLr{lr_tensor->const_data_ptr(), LrSource::kHalf, 0.0};
+    case at::kBFloat16:
+      return DeviceLr{lr_tensor->const_data_ptr(), LrSource::kBFloat16, 0.0};
+    default:
+      holder = lr_tensor->to(at::kDouble);  // other dtypes: an asynchronous device-side conversion
+      return DeviceLr{holder.const_data_ptr(), LrSource::kDouble, 0.0};
+  }
+}
+
+void check_step_inputs(at::TensorList params, at::TensorList grads, at::TensorList buffers,
+                       at::TensorList initialized, const at::Tensor& total_norm,
+                       const std::optional<at::Tensor>& lr_tensor, double momentum, const at::Device& device) {
+  check_same_length(kStepOp, "grads", grads, "params", params);
+  check_all_same_dtype(kStepOp, "params", params);
+  check_all_same_dtype(kStepOp, "grads", grads);
+  const bool use_momentum = momentum != 0.0;
+  if (use_momentum) {
+    check_same_length(kStepOp, "momentum_buffers", buffers, "params", params);
+    check_same_length(kStepOp, "momentum_initialized", initialized, "params", params);
+  }
+  check_cuda_device(kStepOp, params.empty() ? "total_norm" : "params[0]", device);
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_dense_float(kStepOp, "params", i, params[i]);
+    check_on_device(kStepOp, "params", i, params[i], device);
+    check_dense_float(kStepOp, "grads", i, grads[i]);
+    check_same_layout(kStepOp, "grads", i, grads[i], "params", params[i]);
+    if (use_momentum) {
+      check_dense_float(kStepOp, "momentum_buffers", i, buffers[i]);
+      check_dtype(kStepOp, "momentum_buffers", i, buffers[i], params[i].scalar_type());
+      check_same_layout(kStepOp, "momentum_buffers", i, buffers[i], "params", params[i]);
+      check_dtype(kStepOp, "momentum_initialized", i, initialized[i], at::kBool);
+      check_scalar_tensor(kStepOp, "momentum_initialized", initialized[i], device);
+    }
+  }
+  check_scalar_tensor(kStepOp, "total_norm", total_norm, device);
+  check_dtype(kStepOp, "total_norm", 0, total_norm, at::kDouble);
+  if (lr_tensor.has_value()) {
+    check_scalar_tensor(kStepOp, "lr_tensor", *lr_tensor, device);
+  }
+  if (!params.empty()) {
+    const at::ScalarType p = params[0].scalar_type();
+    const at::ScalarType g = grads[0].scalar_type();
+    TORCH_CHECK_TYPE(g == p || (g == at::kFloat && at::isReducedFloatingType(p)), kStepOp,
+                     ": gradients of dtype ", g, " cannot update parameters of dtype ", p,
+                     "; use the parameter dtype, or float32 for float16/bfloat16 parameters");
+  }
+}
+
+}  // namespace
+
+void clipped_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                       at::TensorList momentum_initialized, const at::Tensor& total_norm,
+                       const std::optional<at::Tensor>& lr_tensor, double lr, double weight_decay,
+                       double momentum, double dampening, bool nesterov, bool maximize, double grad_scale,
+                       double max_norm, bool skip_nonfinite) {
+  const at::Device device = params.empty() ? total_norm.device() : params[0].device();
+  check_step_inputs(params, grads, momentum_buffers, momentum_initialized, total_norm, lr_tensor, momentum,
+                    device);
+  if (params.empty()) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  at::Tensor lr_holder;
+  const StepSettings settings{total_norm.const_data_ptr<double>(),
+                              resolve_lr(lr_tensor, lr, lr_holder),
+                              (maximize ? -1.0 : 1.0) * grad_scale,
+                              max_norm,
+                              weight_decay,
+                              momentum,
+                              dampening,
+                              nesterov,
+                              skip_nonfinite};
+  const bool use_momentum = momentum != 0.0;
+  const at::ScalarType grad_type = grads[0].scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "gradfuse_sgd_cuda", [&] {
+    GRADFUSE_BOOL_SWITCH(use_momentum, kMomentum, [&] {
+      if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+        if (grad_type == at::kFloat) {
+          sgd_step_typed<scalar_t, float, kMomentum>(params, grads, momentum_buffers, momentum_initialized,
+                                                     settings, device.index(), stream);
+          return;
+        }
+      }
+      sgd_step_typed<scalar_t, scalar_t, kMomentum>(params, grads, momentum_buffers, momentum_initialized,
+                                                    settings, device.index(), stream);
+    });
+  });
+  if (use_momentum) {  // after the update, which reads the old flags
+    const MultiTensorLaunch<1, MarkInitializedOp> mark({momentum_initialized}, {true}, device.index());
+    mark.launch(stream, [&](int64_t) { return MarkInitializedOp{settings.total_norm, skip_nonfinite}; });
+  }
+}
+
+}  // namespace gradfuse::cuda
