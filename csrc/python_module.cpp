@@ -38,9 +38,9 @@ PYBIND11_MODULE(_C, m) {
       "inspect_gradients",
       [](const std::vector<at::Tensor>& params, const std::vector<std::optional<at::Tensor>>& grads) {
         auto report = gradfuse::inspect_gradients(params, grads);
-        return std::make_tuple(report.bad_index, report.reason, report.needs_relayout);
+        return std::make_tuple(report.bad_index, report.reason, py::bytes(report.codes));
       },
-      "First unusable gradient as (index, reason, indices needing a relayout copy)");
+      "First unusable gradient as (index, reason, bytes of one GradientCode per parameter)");
 #ifdef GRADFUSE_WITH_CUDA
   m.attr("cuda_compiled") = true;
 #else

@@ -76,6 +76,7 @@ void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t, 
 GradientReport inspect_gradients(const std::vector<at::Tensor>& params,
                                  const std::vector<std::optional<at::Tensor>>& grads) {
   GradientReport report;
+  report.codes.assign(params.size(), static_cast<char>(kNoGradient));
   TORCH_CHECK_VALUE(params.size() == grads.size(), "inspect_gradients: ", params.size(), " params but ",
                     grads.size(), " gradients");
   for (size_t i = 0; i < params.size(); ++i) {
@@ -102,9 +103,13 @@ GradientReport inspect_gradients(const std::vector<at::Tensor>& params,
       report.reason = why.str();
       return report;
     }
+    GradientCode code = kAdoptable;
     if (g.numel() > 1 && g.strides() != p.strides()) {
-      report.needs_relayout.push_back(static_cast<int64_t>(i));
+      code = kNeedsRelayout;
+    } else if (g.is_view() || g.requires_grad() || g.storage_offset() != 0) {
+      code = kCopyOnly;  // its memory may belong to someone else (e.g. a DDP bucket view)
     }
+    report.codes[i] = static_cast<char>(code);
   }
   return report;
 }

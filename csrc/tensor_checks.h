@@ -23,11 +23,18 @@ void check_all_same_dtype(const char* op, const char* name, at::TensorList list)
 void check_norm_state(const char* op, const at::Tensor& norm_state, const at::Device& device);
 void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t, const at::Device& device);
 
-// Verdict on a parameter list's gradients, computed in one native pass (cheap for 1000s of tensors).
+// What step() may do with each gradient, decided in one native pass (cheap for 1000s of tensors).
+enum GradientCode : uint8_t {
+  kNoGradient = 0,
+  kAdoptable = 1,     // may become the accumulator itself: a plain tensor laid out like its parameter
+  kCopyOnly = 2,      // usable, but must be copied (a view of other memory, or part of a graph)
+  kNeedsRelayout = 3, // dense but laid out unlike its parameter: copy into the parameter's layout first
+};
+
 struct GradientReport {
-  int64_t bad_index = -1;              // first unusable gradient, -1 when all are usable
-  std::string reason;                  // why it is unusable
-  std::vector<int64_t> needs_relayout; // dense gradients whose strides differ from their parameter's
+  int64_t bad_index = -1;  // first unusable gradient, -1 when all are usable
+  std::string reason;      // why it is unusable
+  std::string codes;       // one GradientCode per parameter
 };
 GradientReport inspect_gradients(const std::vector<at::Tensor>& params,
                                  const std::vector<std::optional<at::Tensor>>& grads);

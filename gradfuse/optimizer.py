@@ -1,6 +1,5 @@
 """FusedAccumSGD: gradient accumulation + global-norm clipping + torch.optim.SGD in fused
 native passes, with the norm, clip factor and skip decision kept on the device."""
-from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
@@ -10,6 +9,18 @@ from . import hyperparameters as hp
 from . import ops
 from ._native import inspect_gradients, inspect_parameters
 from .state_io import export_state, import_state
+
+
+class _Bucket:
+    """Slots [start, stop) of the sorted parameter list sharing group, device and dtype."""
+    __slots__ = ("start", "stop", "group_index", "device", "acc_dtype", "adopts")
+
+    def __init__(self, start, group_index, device, acc_dtype, adopts):
+        self.start, self.stop = start, start + 1
+        self.group_index, self.device, self.acc_dtype, self.adopts = group_index, device, acc_dtype, adopts
+
+# GradientCode values (csrc/tensor_checks.h) as the bytes inspect_gradients returns.
+_NONE, _ADOPT, _RELAYOUT = b"\x00", b"\x01", b"\x03"
 
 _NO_GRADIENT = ("step() was called but no parameter has a gradient: call backward() before step() "
                 "(FusedAccumSGD.step() is called once per micro-batch)")
@@ -37,7 +48,6 @@ class FusedAccumSGD(Optimizer):
                         nesterov=nesterov, maximize=maximize)
         hp.check_group(defaults)
         self._reset_cycle_state()
-        self._owned_accumulators: Dict[torch.Tensor, torch.Tensor] = {}
         self._norm_states: Dict[torch.device, torch.Tensor] = {}
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._skipped_steps: Optional[torch.Tensor] = None
@@ -75,6 +85,9 @@ class FusedAccumSGD(Optimizer):
         bad, reason = inspect_parameters(params)
         if bad >= 0:
             raise ValueError(f"FusedAccumSGD: parameter {bad} of the new group {reason}")
+        known = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in known for p in params):
+            raise ValueError("some parameters appear in more than one parameter group")
         for p in params:
             hp.accumulator_dtype(p.dtype, self.accum_dtype)
         _check_no_shared_memory([p for g in self.param_groups for p in g["params"]] + params)
@@ -85,11 +98,37 @@ class FusedAccumSGD(Optimizer):
         self._rebuild_layout()
 
     def _rebuild_layout(self):
-        """Flat parameter list with each parameter's group and accumulator dtype (cached so a
-        step costs a few list passes, not per-tensor Python logic)."""
-        self._params: List[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
-        self._group_of = [i for i, g in enumerate(self.param_groups) for _ in g["params"]]
-        self._acc_dtype = {p: hp.accumulator_dtype(p.dtype, self.accum_dtype) for p in self._params}
+        """Orders parameters by (group, device, dtype) so that each bucket the ops take in one
+        call is a contiguous slice: a step then costs a few list slices, not per-tensor Python."""
+        entries = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]]
+        self._params: List[torch.Tensor] = [p for _, p in entries]  # state_dict order
+        self._group_of = [gi for gi, _ in entries]
+        keys = [(gi, str(p.device), str(p.dtype)) for gi, p in entries]
+        self._order = sorted(range(len(entries)), key=lambda i: keys[i])  # sorted slot -> param index
+        self._sorted = [self._params[i] for i in self._order]
+        self._buckets: List[_Bucket] = []
+        for k, i in enumerate(self._order):
+            if not self._buckets or keys[self._order[k - 1]] != keys[i]:
+                p = self._params[i]
+                acc_dtype = hp.accumulator_dtype(p.dtype, self.accum_dtype)
+                self._buckets.append(_Bucket(k, keys[i][0], p.device, acc_dtype, acc_dtype == p.dtype))
+            self._buckets[-1].stop = k + 1
+        self._remap_slot_state()
+
+    def _remap_slot_state(self):
+        """Re-aligns the per-slot state lists with a (possibly new) slot order."""
+        old = getattr(self, "_slot_params", [])
+        by_id = {id(p): k for k, p in enumerate(old)}
+        def carry(values):
+            return [values[by_id[id(p)]] if id(p) in by_id else None for p in self._sorted]
+        self._accs = carry(getattr(self, "_accs", []))
+        self._versions = carry(getattr(self, "_versions", []))
+        self._owned = carry(getattr(self, "_owned", []))
+        self._buffers = carry(getattr(self, "_buffers", []))
+        self._flags = carry(getattr(self, "_flags", []))
+        self._live = [sum(a is not None for a in self._accs[b.start:b.stop]) for b in self._buckets]
+        self._momentum_ready = [all(f is not None for f in self._flags[b.start:b.stop]) for b in self._buckets]
+        self._slot_params = self._sorted
 
     def _primary_device(self):
         return self._params[0].device if self._params else torch.device("cpu")
@@ -103,13 +142,13 @@ class FusedAccumSGD(Optimizer):
     def zero_grad(self, set_to_none: bool = True):
         """As Optimizer.zero_grad; a gradient adopted as this cycle's accumulator is replaced
         by a fresh zero tensor instead of being zeroed in place (set_to_none=False)."""
-        for p in self._params:
+        for k, p in enumerate(self._sorted):
             grad = p.grad
             if grad is None:
                 continue
             if set_to_none:
                 p.grad = None
-            elif p in self._adopted and grad is self._accumulators.get(p):
+            elif self._versions[k] is not None and grad is self._accs[k]:
                 p.grad = torch.zeros_like(grad)
             else:
                 if grad.grad_fn is not None:
@@ -119,30 +158,38 @@ class FusedAccumSGD(Optimizer):
                 grad.zero_()
 
     def _reset_cycle_state(self):
+        n = len(getattr(self, "_sorted", []))
         self._micro_step = 0
-        self._accumulators: Dict[torch.Tensor, torch.Tensor] = {}
-        self._adopted: Dict[torch.Tensor, int] = {}  # accumulator borrowed from p.grad -> its version
+        self._accs: List[Optional[torch.Tensor]] = [None] * n  # this cycle's raw gradient sums
+        self._versions: List[Optional[int]] = [None] * n  # version of an adopted p.grad, None if owned
+        self._live = [0] * len(getattr(self, "_buckets", []))  # accumulators alive per bucket
 
     def _check_adopted_untouched(self):
-        for p, version in self._adopted.items():
-            if self._accumulators[p]._version != version:
-                index = next(i for i, q in enumerate(self._params) if q is p)
+        if self._micro_step == 0:  # adopted gradients only outlive a step inside a cycle
+            return
+        for k, version in enumerate(self._versions):
+            if version is not None and self._accs[k]._version != version:
                 raise RuntimeError(
-                    f"FusedAccumSGD: the gradient of {self._describe(index)} was modified in place after step() "
-                    f"(for example by module.zero_grad(set_to_none=False)); FusedAccumSGD keeps it as the cycle's "
-                    f"accumulator. Use optimizer.zero_grad() or set_to_none=True between micro-batches.")
+                    f"FusedAccumSGD: the gradient of {self._describe(self._order[k])} was modified in place after "
+                    f"step() (for example by module.zero_grad(set_to_none=False)); FusedAccumSGD keeps it as the "
+                    f"cycle's accumulator. Use optimizer.zero_grad() or set_to_none=True between micro-batches.")
 
     def _gather_gradients(self):
-        """Validated gradients of every parameter (None where absent), checked before any change."""
-        grads = [p.grad for p in self._params]
-        bad, reason, relayout = inspect_gradients(self._params, grads)
+        """Gradients in slot order and their GradientCode bytes, validated before any change."""
+        grads = [p.grad for p in self._sorted]
+        bad, reason, codes = inspect_gradients(self._sorted, grads)
         if bad >= 0:
-            raise RuntimeError(f"FusedAccumSGD: {self._describe(bad)} {reason}")
-        if all(g is None for g in grads):
+            raise RuntimeError(f"FusedAccumSGD: {self._describe(self._order[bad])} {reason}")
+        if codes.count(_NONE) == len(codes):
             raise RuntimeError(f"FusedAccumSGD: {_NO_GRADIENT}")
-        for i in relayout:  # rare: a dense gradient laid out unlike its parameter
-            grads[i] = torch.empty_like(self._params[i]).copy_(grads[i])
-        return grads
+        if _RELAYOUT in codes:  # rare: a dense gradient laid out unlike its parameter
+            codes = bytearray(codes)
+            for k, code in enumerate(codes):
+                if code == _RELAYOUT[0]:
+                    grads[k] = torch.empty_like(self._sorted[k]).copy_(grads[k])
+                    codes[k] = _ADOPT[0]
+            codes = bytes(codes)
+        return grads, codes
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -153,10 +200,10 @@ class FusedAccumSGD(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             hp.check_group(group, check_tensor_lr=False)
-        grads = self._gather_gradients()
+        grads, codes = self._gather_gradients()
         self._check_adopted_untouched()
         boundary = self._micro_step + 1 == self.accumulation_steps
-        self._accumulate(grads, boundary)
+        self._accumulate(grads, codes, boundary)
         if boundary:
             self._finish_cycle()
         else:
@@ -169,42 +216,54 @@ class FusedAccumSGD(Optimizer):
             state = self._norm_states[device] = ops.new_norm_state(device)
         return state
 
-    def _accumulate(self, grads, boundary):
-        """Adds this micro-batch into the accumulators: one op call per (device, dtype) bucket;
-        on the last micro-batch the same pass feeds the global norm."""
-        fresh, adding, norm_only = defaultdict(list), defaultdict(list), defaultdict(list)
-        accumulators, adopted = self._accumulators, self._adopted
-        for p, g in zip(self._params, grads):
-            acc = accumulators.get(p)
-            if g is None:
-                if acc is not None and boundary:
-                    norm_only[(acc.device, acc.dtype)].append(acc)
-                continue
-            if acc is not None:
-                adding[(acc.device, acc.dtype, g.dtype)].append((acc, g))
-            elif g.dtype == self._acc_dtype[p] and g._base is None and not g.requires_grad:
-                # Adopt the gradient itself: no copy; 1/K is folded into the update pass.
-                accumulators[p] = g
-                adopted[p] = g._version
+    def _accumulate(self, grads, codes, boundary):
+        """Adds this micro-batch into the accumulators, one op call per bucket in the common
+        cases; on the last micro-batch the same pass feeds the global norm."""
+        accs, keep_versions = self._accs, not boundary
+        for bi, b in enumerate(self._buckets):
+            s, e = b.start, b.stop
+            norm_state = self._norm_state(b.device) if boundary else None
+            present = codes[s:e]
+            if self._live[bi] == 0 and b.adopts and present == _ADOPT * (e - s):
+                # Adopt every gradient itself: no copy; 1/K is folded into the update pass.
+                accs[s:e] = grads[s:e]
+                if keep_versions:
+                    self._versions[s:e] = [g._version for g in grads[s:e]]
+                self._live[bi] = e - s
                 if boundary:
-                    norm_only[(g.device, g.dtype)].append(g)
+                    ops.accumulate_norm_(norm_state, grads[s:e], self.norm_type)
+            elif self._live[bi] == e - s and _NONE not in present:
+                ops.accumulate_(accs[s:e], grads[s:e], 1.0, False, norm_state, self.norm_type)
             else:
-                acc = self._owned_accumulators.get(p)
-                if acc is None:
-                    acc = torch.empty_like(p, dtype=self._acc_dtype[p])
-                    self._owned_accumulators[p] = acc
-                accumulators[p] = acc
-                fresh[(acc.device, acc.dtype, g.dtype)].append((acc, g))
-        for first, buckets in ((True, fresh), (False, adding)):
-            for key, pairs in buckets.items():
-                norm_state = self._norm_state(key[0]) if boundary else None
-                ops.accumulate_([a for a, _ in pairs], [g for _, g in pairs], 1.0, first, norm_state,
+                self._accumulate_mixed(bi, grads, codes, norm_state)
+
+    def _accumulate_mixed(self, bi, grads, codes, norm_state):
+        """The general case of one bucket: some gradients missing, some accumulators new."""
+        b, accs = self._buckets[bi], self._accs
+        fresh, adding, norm_only = [], [], []
+        for k in range(b.start, b.stop):
+            g, acc = grads[k], accs[k]
+            if g is None:
+                if acc is not None:
+                    norm_only.append(acc)
+            elif acc is not None:
+                adding.append(k)
+            elif b.adopts and codes[k] == _ADOPT[0]:
+                accs[k] = g
+                self._versions[k] = g._version
+                norm_only.append(g)
+            else:
+                if self._owned[k] is None:  # kept across cycles: first=True overwrites it
+                    self._owned[k] = torch.empty_like(self._sorted[k], dtype=b.acc_dtype)
+                accs[k] = self._owned[k]
+                fresh.append(k)
+            self._live[bi] += acc is None and g is not None
+        for first, slots in ((True, fresh), (False, adding)):
+            if slots:
+                ops.accumulate_([accs[k] for k in slots], [grads[k] for k in slots], 1.0, first, norm_state,
                                 self.norm_type)
-        if boundary:
-            for (device, _), tensors in norm_only.items():
-                ops.accumulate_norm_(self._norm_state(device), tensors, self.norm_type)
-        for p in adopted:  # our own in-place adds are not user modifications
-            adopted[p] = accumulators[p]._version
+        if norm_state is not None and norm_only:
+            ops.accumulate_norm_(norm_state, norm_only, self.norm_type)
 
     def _total_norm(self):
         """0-dim float64 norm of A over all devices, counted as skipped when non-finite."""
@@ -232,39 +291,64 @@ class FusedAccumSGD(Optimizer):
             raise RuntimeError(f"FusedAccumSGD: the total gradient norm of this cycle is {total.item()}; the "
                                f"update was skipped (error_if_nonfinite=True)")
         norm_on = {total.device: total}
-        buckets = defaultdict(list)
-        for p, group_index in zip(self._params, self._group_of):
-            acc = self._accumulators.get(p)
-            if acc is not None:
-                buckets[(group_index, p.device, p.dtype, acc.dtype)].append((p, acc))
-        for (group_index, device, _, _), pairs in buckets.items():
-            group = self.param_groups[group_index]
-            params = [p for p, _ in pairs]
-            buffers, flags = self._momentum_state(params, group["momentum"] != 0)
+        for bi, b in enumerate(self._buckets):
+            if self._live[bi] == 0:
+                continue
+            if self._live[bi] == b.stop - b.start:
+                slots = range(b.start, b.stop)
+                params, accs = self._sorted[b.start:b.stop], self._accs[b.start:b.stop]
+            else:
+                slots = [k for k in range(b.start, b.stop) if self._accs[k] is not None]
+                params, accs = [self._sorted[k] for k in slots], [self._accs[k] for k in slots]
+            group = self.param_groups[b.group_index]
+            buffers, flags = self._momentum_state(bi, slots) if group["momentum"] != 0 else ([], [])
             lr = group["lr"]
-            if isinstance(lr, torch.Tensor) and lr.device != device:
-                lr = lr.to(device)
-            if device not in norm_on:
-                norm_on[device] = total.to(device)
-            ops.clipped_sgd_step_(params, [a for _, a in pairs], buffers, flags, norm_on[device], lr,
-                                  group["weight_decay"], group["momentum"], group["dampening"], group["nesterov"],
-                                  group["maximize"], 1.0 / self.accumulation_steps, self.max_grad_norm,
-                                  self.skip_nonfinite)
+            if isinstance(lr, torch.Tensor) and lr.device != b.device:
+                lr = lr.to(b.device)
+            if b.device not in norm_on:
+                norm_on[b.device] = total.to(b.device)
+            ops.clipped_sgd_step_(params, accs, buffers, flags, norm_on[b.device], lr, group["weight_decay"],
+                                  group["momentum"], group["dampening"], group["nesterov"], group["maximize"],
+                                  1.0 / self.accumulation_steps, self.max_grad_norm, self.skip_nonfinite)
         self._reset_cycle_state()
 
-    def _momentum_state(self, params, use_momentum):
-        if not use_momentum:
-            return [], []
-        buffers, flags = [], []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                # Zero-filled so a skipped first cycle leaves a harmless buffer behind.
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["momentum_initialized"] = torch.zeros((), dtype=torch.bool, device=p.device)
-            buffers.append(state["momentum_buffer"])
-            flags.append(state["momentum_initialized"])
-        return buffers, flags
+    def _momentum_state(self, bucket_index, slots):
+        """Momentum buffers and their 'written once' flags for the slots, created on first use."""
+        bucket = self._buckets[bucket_index]
+        if not self._momentum_ready[bucket_index]:
+            for k in range(bucket.start, bucket.stop):
+                if self._flags[k] is None:
+                    p = self._sorted[k]
+                    state = self.state[p]
+                    # Zero-filled so a skipped first cycle leaves a harmless buffer behind.
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["momentum_initialized"] = torch.zeros((), dtype=torch.bool, device=p.device)
+                    self._buffers[k], self._flags[k] = state["momentum_buffer"], state["momentum_initialized"]
+            self._momentum_ready[bucket_index] = True
+        if isinstance(slots, range):
+            return self._buffers[slots.start:slots.stop], self._flags[slots.start:slots.stop]
+        return [self._buffers[k] for k in slots], [self._flags[k] for k in slots]
+
+    def _restore_cycle(self, micro_step, accumulators):
+        """Reinstalls a saved cycle: raw accumulator sums by parameter index (as owned copies)."""
+        self._reset_cycle_state()
+        slot_of = {i: k for k, i in enumerate(self._order)}
+        for bi, b in enumerate(self._buckets):
+            for k in range(b.start, b.stop):
+                saved = accumulators.get(self._order[k])
+                if saved is not None:
+                    restored = torch.empty_like(self._sorted[k], dtype=b.acc_dtype).copy_(saved)
+                    self._owned[k] = self._accs[k] = restored
+                    self._live[bi] += 1
+        self._micro_step = micro_step if slot_of else 0
+
+    def _sync_momentum_cache(self):
+        """Points the slot caches at the tensors in self.state (after load_state_dict)."""
+        for k, p in enumerate(self._sorted):
+            state = self.state.get(p, {})
+            self._buffers[k] = state.get("momentum_buffer")
+            self._flags[k] = state.get("momentum_initialized")
+        self._momentum_ready = [all(f is not None for f in self._flags[b.start:b.stop]) for b in self._buckets]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
@@ -275,7 +359,6 @@ class FusedAccumSGD(Optimizer):
     def load_state_dict(self, state_dict):
         """Loads a FusedAccumSGD or torch.optim.SGD state dict; everything is validated first."""
         import_state(self, state_dict, super().load_state_dict)
-        self._rebuild_layout()
 
 
 def _check_no_shared_memory(params):

@@ -23,12 +23,11 @@ def export_state(opt, state_dict):
         if state:
             packed[index] = state
     state_dict["state"] = packed
-    index_of = {id(p): i for i, p in enumerate(opt._params)}
     state_dict["gradfuse"] = {
         "format_version": FORMAT_VERSION,
         "accumulation_steps": opt.accumulation_steps,
         "micro_step": opt._micro_step,
-        "accumulators": {index_of[id(p)]: acc.clone() for p, acc in opt._accumulators.items()},
+        "accumulators": {opt._order[k]: acc.clone() for k, acc in enumerate(opt._accs) if acc is not None},
         "skipped_steps": opt.skipped_steps.clone(),
         "last_grad_norm": None if opt.last_grad_norm is None else opt.last_grad_norm.clone(),
     }
@@ -108,9 +107,9 @@ def _validate(opt, state_dict):
         _fail("skipped_steps must be a 1-element integer tensor")
 
 
-def _like_param(value, param, dtype):
-    """A copy of value with param's device and memory layout (the ops sweep flat memory)."""
-    return torch.empty_like(param, dtype=dtype).copy_(value)
+def _like_param(value, param):
+    """A copy of value with param's dtype, device and memory layout (the ops sweep flat memory)."""
+    return torch.empty_like(param).copy_(value)
 
 
 def import_state(opt, state_dict, base_load):
@@ -121,19 +120,14 @@ def import_state(opt, state_dict, base_load):
     for p in opt._params:
         state = opt.state.get(p)
         if state and "momentum_buffer" in state:
-            state["momentum_buffer"] = _like_param(state["momentum_buffer"], p, p.dtype)
+            state["momentum_buffer"] = _like_param(state["momentum_buffer"], p)
             state["momentum_initialized"] = torch.ones((), dtype=torch.bool, device=p.device)
-    opt._reset_cycle_state()
+    opt._sync_momentum_cache()
     extra = state_dict.get("gradfuse")
     if extra is None:
+        opt._restore_cycle(0, {})
         return
-    opt._rebuild_layout()
-    for index, acc in extra["accumulators"].items():
-        p = opt._params[index]
-        restored = _like_param(acc, p, opt._acc_dtype[p])
-        opt._owned_accumulators[p] = restored
-        opt._accumulators[p] = restored
-    opt._micro_step = extra["micro_step"]
+    opt._restore_cycle(extra["micro_step"], extra["accumulators"])
     opt._skipped_steps = extra["skipped_steps"].to(device=opt._primary_device(), dtype=torch.int64).reshape(())
     last = extra.get("last_grad_norm")
     opt.last_grad_norm = None if last is None else last.to(opt._primary_device())

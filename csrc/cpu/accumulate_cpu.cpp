@@ -67,16 +67,16 @@ void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, b
   using math_t = at::opmath_type<acc_t>;
   const FlatChunks chunks(accs);
   std::vector<double> partials(norm_state.has_value() ? chunks.num_chunks() : 0, 0.0);
+  const auto acc_ptrs = data_pointers<acc_t>(accs);
+  const auto grad_ptrs = data_pointers<const grad_t>(grads);
   GRADFUSE_BOOL_SWITCH(first, kFirst, [&] {
     GRADFUSE_BOOL_SWITCH(norm_state.has_value(), kWithNorm, [&] {
       GRADFUSE_BOOL_SWITCH(inf_norm, kInfNorm, [&] {
         chunks.parallel_for_chunks([&](int64_t c) {
           NormAccumulator<math_t, kInfNorm> norm;
           chunks.for_each_segment(c, [&](int64_t t, int64_t begin, int64_t end) {
-            acc_t* acc = accs[t].data_ptr<acc_t>() + begin;
-            const grad_t* grad = grads[t].const_data_ptr<grad_t>() + begin;
-            accumulate_segment<acc_t, grad_t, kFirst, kWithNorm>(acc, grad, end - begin,
-                                                                 static_cast<math_t>(scale), norm);
+            accumulate_segment<acc_t, grad_t, kFirst, kWithNorm>(acc_ptrs[t] + begin, grad_ptrs[t] + begin,
+                                                                 end - begin, static_cast<math_t>(scale), norm);
           });
           if constexpr (kWithNorm) {
             partials[c] = norm.total();
@@ -145,11 +145,12 @@ void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, doub
   std::vector<double> partials(chunks.num_chunks(), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "gradfuse_norm_cpu", [&] {
     using math_t = at::opmath_type<scalar_t>;
+    const auto pointers = data_pointers<const scalar_t>(tensors);
     GRADFUSE_BOOL_SWITCH(inf_norm, kInfNorm, [&] {
       chunks.parallel_for_chunks([&](int64_t c) {
         NormAccumulator<math_t, kInfNorm> norm;
         chunks.for_each_segment(c, [&](int64_t t, int64_t begin, int64_t end) {
-          norm_segment(tensors[t].const_data_ptr<scalar_t>() + begin, end - begin, norm);
+          norm_segment(pointers[t] + begin, end - begin, norm);
         });
         partials[c] = norm.total();
       });

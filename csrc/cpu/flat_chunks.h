@@ -60,4 +60,14 @@ class FlatChunks {
   std::vector<int64_t> offsets_;
 };
 
+// Raw data pointers of a tensor list, read once so the per-chunk loops do no checked lookups.
+template <typename T>
+std::vector<T*> data_pointers(at::TensorList tensors) {
+  std::vector<T*> pointers(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    pointers[i] = static_cast<T*>(tensors[i].data_ptr());
+  }
+  return pointers;
+}
+
 }  // namespace gradfuse::cpu

@@ -45,13 +45,18 @@ template <typename param_t, typename grad_t>
 void sgd_step_typed(at::TensorList params, at::TensorList grads, at::TensorList buffers,
                     at::TensorList initialized, const SgdScalars<at::opmath_type<param_t>>& s) {
   const FlatChunks chunks(params);
+  const auto param_ptrs = data_pointers<param_t>(params);
+  const auto grad_ptrs = data_pointers<const grad_t>(grads);
+  const auto buffer_ptrs = data_pointers<param_t>(buffers);
+  std::vector<char> buffer_initialized(params.size(), 0);
+  for (size_t t = 0; t < initialized.size(); ++t) {
+    buffer_initialized[t] = *initialized[t].const_data_ptr<bool>();
+  }
   chunks.parallel_for_chunks([&](int64_t c) {
     chunks.for_each_segment(c, [&](int64_t t, int64_t begin, int64_t end) {
-      param_t* buffer = s.use_momentum ? buffers[t].data_ptr<param_t>() + begin : nullptr;
-      const bool buffer_initialized = s.use_momentum && initialized[t].const_data_ptr<bool>()[0];
-      sgd_segment<param_t, grad_t>(params[t].data_ptr<param_t>() + begin,
-                                   grads[t].const_data_ptr<grad_t>() + begin, buffer, end - begin, s,
-                                   buffer_initialized);
+      param_t* buffer = s.use_momentum ? buffer_ptrs[t] + begin : nullptr;
+      sgd_segment<param_t, grad_t>(param_ptrs[t] + begin, grad_ptrs[t] + begin, buffer, end - begin, s,
+                                   s.use_momentum && buffer_initialized[t]);
     });
   });
 }
