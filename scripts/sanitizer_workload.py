@@ -1,0 +1,53 @@
+"""A small CUDA workload for compute-sanitizer: every op and a few optimizer cycles on odd
+sizes, misaligned views and every dtype (small, so memcheck/racecheck finish quickly)."""
+import torch
+
+import gradfuse
+from gradfuse import ops
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SIZES = (0, 1, 3, 33, 1000, 4099, 70001)
+
+
+def misaligned(n, dtype):
+    """A tensor whose data pointer is not 16-byte aligned (forces the scalar path)."""
+    return torch.randn(n + 1, device="cuda").to(dtype)[1:]
+
+
+def run_ops():
+    for dtype in DTYPES:
+        for make in (lambda n, d: torch.randn(n, device="cuda").to(d), misaligned):
+            params = [make(n, dtype) for n in SIZES]
+            grads = [make(n, dtype) for n in SIZES]
+            acc_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            accs = [torch.randn(n, device="cuda", dtype=acc_dtype) for n in SIZES]
+            state = ops.new_norm_state("cuda")
+            ops.accumulate_(accs, grads, 0.5, False, state, 2.0)
+            ops.accumulate_(accs, grads, 1.0, True, state, float("inf"))
+            ops.accumulate_norm_(state, grads, 2.0)
+            skipped = torch.zeros((), dtype=torch.int64, device="cuda")
+            total = ops.finalize_norm_(state, skipped, 2.0, 0.25, True)
+            ops.global_norm(grads, float("inf"))
+            buffers = [torch.zeros_like(p) for p in params]
+            flags = [torch.zeros((), dtype=torch.bool, device="cuda") for _ in params]
+            for lr in (0.01, torch.tensor(0.01, device="cuda")):
+                ops.clipped_sgd_step_(params, accs, buffers, flags, total, lr, weight_decay=0.01, momentum=0.9,
+                                      nesterov=True, grad_scale=0.25, max_norm=1.0)
+
+
+def run_optimizer():
+    model = torch.nn.Sequential(torch.nn.Linear(33, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5)).cuda()
+    opt = gradfuse.FusedAccumSGD(model.parameters(), lr=0.05, momentum=0.9, accumulation_steps=3,
+                                 max_grad_norm=1.0)
+    for _ in range(9):
+        model(torch.randn(8, 33, device="cuda")).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    assert torch.cuda.is_available() and gradfuse.cuda_compiled, "needs a GPU and a CUDA build of gradfuse"
+    run_ops()
+    run_optimizer()
+    print("sanitizer workload finished")
