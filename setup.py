@@ -115,7 +115,8 @@ def build_extension():
     if cuda_home is None:
         return CppExtension("gradfuse._C", sources, extra_compile_args={"cxx": cxx_flags}), BuildExtension
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "-DGRADFUSE_WITH_CUDA"]
+    # No --use_fast_math: CUDA must round (and keep subnormals) exactly like the CPU path.
+    nvcc_flags = ["-O3", "-lineinfo", "-DGRADFUSE_WITH_CUDA"]
     if os.environ.get("GRADFUSE_PTXAS_VERBOSE") == "1":
         nvcc_flags.append("-Xptxas=-v")  # register / spill report per kernel
     cxx_flags.append("-DGRADFUSE_WITH_CUDA")

@@ -65,6 +65,11 @@ C10_HOST_DEVICE inline void sgd_update(
   param = param - V(s.lr) * d;
 }
 
+// GradScaler's unscale factor, rounded to float32 exactly as torch.amp computes it.
+C10_HOST_DEVICE inline float amp_inverse_scale(float scale) {
+  return static_cast<float>(1.0 / static_cast<double>(scale));
+}
+
 // clip_grad_norm_'s factor min(1, max_norm / (norm + eps)); NaN stays NaN as in torch.
 C10_HOST_DEVICE inline double clip_coefficient(double total_norm, double max_norm) {
   if (!(max_norm > 0.0)) {

@@ -32,9 +32,10 @@ at::Tensor global_norm(at::TensorList tensors, double norm_type) {
 
 TORCH_LIBRARY(gradfuse, m) {
   // accs[i] = (first ? 0 : accs[i]) + scale * grads[i]; with norm_state, also adds the
-  // norm_type norm partial of the new accs and a non-finite flag into norm_state.
+  // norm_type norm partial of the new accs and a non-finite flag into norm_state. amp_scale
+  // (torch.amp.GradScaler's scale, 1 element) unscales on the fly: grads * float32(1 / amp_scale).
   m.def("accumulate_(Tensor(a!)[] accs, Tensor[] grads, float scale, bool first, Tensor(b!)? norm_state, "
-        "float norm_type) -> ()");
+        "float norm_type, Tensor? amp_scale=None) -> ()");
   // Adds the norm_type norm partial of tensors (and a non-finite flag) into norm_state.
   m.def("accumulate_norm_(Tensor(a!) norm_state, Tensor[] tensors, float norm_type) -> ()");
   // Total norm (0-dim float64) = root(norm_state) * scale; resets norm_state for the next

@@ -67,6 +67,12 @@ void check_norm_state(const char* op, const at::Tensor& norm_state, const at::De
                     " but the tensors are on ", device);
 }
 
+void check_amp_scale(const char* op, const at::Tensor& amp_scale, const at::Device& device) {
+  check_scalar_tensor(op, "amp_scale", amp_scale, device);
+  TORCH_CHECK_TYPE(amp_scale.scalar_type() == at::kFloat, op, ": amp_scale must be float32 (GradScaler's scale), got ",
+                   amp_scale.scalar_type());
+}
+
 void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
   TORCH_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must hold exactly one element, got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(), " but the tensors are on ",

@@ -21,6 +21,8 @@ void check_dtype(const char* op, const char* name, int64_t index, const at::Tens
                  at::ScalarType expected);
 void check_all_same_dtype(const char* op, const char* name, at::TensorList list);
 void check_norm_state(const char* op, const at::Tensor& norm_state, const at::Device& device);
+// GradScaler's scale: one float32 element on the tensors' device.
+void check_amp_scale(const char* op, const at::Tensor& amp_scale, const at::Device& device);
 void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t, const at::Device& device);
 
 // What step() may do with each gradient, decided in one native pass (cheap for 1000s of tensors).

@@ -15,10 +15,13 @@ def new_norm_state(device) -> torch.Tensor:
 
 
 def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float = 1.0,
-                first: bool = False, norm_state: Optional[torch.Tensor] = None, norm_type: float = 2.0) -> None:
+                first: bool = False, norm_state: Optional[torch.Tensor] = None, norm_type: float = 2.0,
+                amp_scale: Optional[torch.Tensor] = None) -> None:
     """accs[i] = (0 if first else accs[i]) + scale * grads[i]; with norm_state, also adds the
-    norm partial of the new accs (and a non-finite flag) into it, in the same pass."""
-    torch.ops.gradfuse.accumulate_(list(accs), list(grads), float(scale), bool(first), norm_state, float(norm_type))
+    norm partial of the new accs (and a non-finite flag) into it, in the same pass. With
+    amp_scale (GradScaler's float32 scale) the grads are unscaled on the fly, on the device."""
+    torch.ops.gradfuse.accumulate_(list(accs), list(grads), float(scale), bool(first), norm_state, float(norm_type),
+                                   amp_scale)
 
 
 def accumulate_norm_(norm_state: torch.Tensor, tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> None:
@@ -57,7 +60,8 @@ def clipped_sgd_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
 
 @torch.library.register_fake("gradfuse::accumulate_")
 def _accumulate_fake(accs: List[torch.Tensor], grads: List[torch.Tensor], scale: float, first: bool,
-                     norm_state: Optional[torch.Tensor], norm_type: float) -> None:
+                     norm_state: Optional[torch.Tensor], norm_type: float,
+                     amp_scale: Optional[torch.Tensor] = None) -> None:
     return None
 
 

@@ -33,7 +33,14 @@ class FusedAccumSGD(Optimizer):
     micro-step K computes the norm_type norm of A over all parameters, skips the update when
     it is not finite (skip_nonfinite), scales A by min(1, max_grad_norm / (norm + 1e-6)) and
     applies SGD (weight decay, momentum, dampening, nesterov, maximize) in one pass.
+
+    torch.amp.GradScaler: scaler.step(opt) hands over its scale and found_inf tensors; the
+    gradients are unscaled inside the accumulation kernels and a cycle with an inf/nan
+    gradient is skipped, with no separate unscale pass and no host sync.
     """
+
+    # GradScaler sets self.grad_scale / self.found_inf and calls step() directly.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, accumulation_steps=1, max_grad_norm=None, norm_type=2.0, skip_nonfinite=True,
@@ -160,6 +167,7 @@ class FusedAccumSGD(Optimizer):
     def _reset_cycle_state(self):
         n = len(getattr(self, "_sorted", []))
         self._micro_step = 0
+        self._amp_cycle = False  # a GradScaler step took part in this cycle
         self._accs: List[Optional[torch.Tensor]] = [None] * n  # this cycle's raw gradient sums
         self._versions: List[Optional[int]] = [None] * n  # version of an adopted p.grad, None if owned
         self._live = [0] * len(getattr(self, "_buckets", []))  # accumulators alive per bucket
@@ -202,8 +210,13 @@ class FusedAccumSGD(Optimizer):
             hp.check_group(group, check_tensor_lr=False)
         grads, codes = self._gather_gradients()
         self._check_adopted_untouched()
+        amp_scale = getattr(self, "grad_scale", None)
+        if amp_scale is not None and (not isinstance(amp_scale, torch.Tensor) or amp_scale.numel() != 1):
+            raise TypeError(f"FusedAccumSGD: grad_scale must be GradScaler's 1-element scale tensor, got {amp_scale!r}")
+        # An AMP micro-batch with inf/nan gradients makes A non-finite: such cycles are always skipped.
+        self._amp_cycle = self._amp_cycle or amp_scale is not None or getattr(self, "found_inf", None) is not None
         boundary = self._micro_step + 1 == self.accumulation_steps
-        self._accumulate(grads, codes, boundary)
+        self._accumulate(grads, codes, boundary, amp_scale)
         if boundary:
             self._finish_cycle()
         else:
@@ -216,15 +229,21 @@ class FusedAccumSGD(Optimizer):
             state = self._norm_states[device] = ops.new_norm_state(device)
         return state
 
-    def _accumulate(self, grads, codes, boundary):
+    def _accumulate(self, grads, codes, boundary, amp_scale):
         """Adds this micro-batch into the accumulators, one op call per bucket in the common
         cases; on the last micro-batch the same pass feeds the global norm."""
         accs, keep_versions = self._accs, not boundary
+        scales = {}
         for bi, b in enumerate(self._buckets):
             s, e = b.start, b.stop
             norm_state = self._norm_state(b.device) if boundary else None
             present = codes[s:e]
-            if self._live[bi] == 0 and b.adopts and present == _ADOPT * (e - s):
+            scale = None
+            if amp_scale is not None:  # scaled gradients must pass through a kernel: no adoption
+                if b.device not in scales:
+                    scales[b.device] = amp_scale.to(device=b.device, dtype=torch.float32)
+                scale = scales[b.device]
+            if scale is None and self._live[bi] == 0 and b.adopts and present == _ADOPT * (e - s):
                 # Adopt every gradient itself: no copy; 1/K is folded into the update pass.
                 accs[s:e] = grads[s:e]
                 if keep_versions:
@@ -233,11 +252,11 @@ class FusedAccumSGD(Optimizer):
                 if boundary:
                     ops.accumulate_norm_(norm_state, grads[s:e], self.norm_type)
             elif self._live[bi] == e - s and _NONE not in present:
-                ops.accumulate_(accs[s:e], grads[s:e], 1.0, False, norm_state, self.norm_type)
+                ops.accumulate_(accs[s:e], grads[s:e], 1.0, False, norm_state, self.norm_type, scale)
             else:
-                self._accumulate_mixed(bi, grads, codes, norm_state)
+                self._accumulate_mixed(bi, grads, codes, norm_state, scale)
 
-    def _accumulate_mixed(self, bi, grads, codes, norm_state):
+    def _accumulate_mixed(self, bi, grads, codes, norm_state, amp_scale):
         """The general case of one bucket: some gradients missing, some accumulators new."""
         b, accs = self._buckets[bi], self._accs
         fresh, adding, norm_only = [], [], []
@@ -248,7 +267,7 @@ class FusedAccumSGD(Optimizer):
                     norm_only.append(acc)
             elif acc is not None:
                 adding.append(k)
-            elif b.adopts and codes[k] == _ADOPT[0]:
+            elif b.adopts and codes[k] == _ADOPT[0] and amp_scale is None:
                 accs[k] = g
                 self._versions[k] = g._version
                 norm_only.append(g)
@@ -261,14 +280,14 @@ class FusedAccumSGD(Optimizer):
         for first, slots in ((True, fresh), (False, adding)):
             if slots:
                 ops.accumulate_([accs[k] for k in slots], [grads[k] for k in slots], 1.0, first, norm_state,
-                                self.norm_type)
+                                self.norm_type, amp_scale)
         if norm_state is not None and norm_only:
             ops.accumulate_norm_(norm_state, norm_only, self.norm_type)
 
     def _total_norm(self):
         """0-dim float64 norm of A over all devices, counted as skipped when non-finite."""
         scale = 1.0 / self.accumulation_steps
-        count = self.skip_nonfinite or self.error_if_nonfinite
+        count = self._skips_nonfinite() or self.error_if_nonfinite
         devices = list(self._norm_states)
         if len(devices) == 1:
             return ops.finalize_norm_(self._norm_states[devices[0]], self.skipped_steps, self.norm_type, scale,
@@ -309,8 +328,12 @@ class FusedAccumSGD(Optimizer):
                 norm_on[b.device] = total.to(b.device)
             ops.clipped_sgd_step_(params, accs, buffers, flags, norm_on[b.device], lr, group["weight_decay"],
                                   group["momentum"], group["dampening"], group["nesterov"], group["maximize"],
-                                  1.0 / self.accumulation_steps, self.max_grad_norm, self.skip_nonfinite)
+                                  1.0 / self.accumulation_steps, self.max_grad_norm, self._skips_nonfinite())
         self._reset_cycle_state()
+
+    def _skips_nonfinite(self):
+        """Whether this cycle skips on a non-finite norm: as configured, and always under AMP."""
+        return self.skip_nonfinite or self._amp_cycle
 
     def _momentum_state(self, bucket_index, slots):
         """Momentum buffers and their 'written once' flags for the slots, created on first use."""

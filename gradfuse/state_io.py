@@ -128,6 +128,7 @@ def import_state(opt, state_dict, base_load):
         opt._restore_cycle(0, {})
         return
     opt._restore_cycle(extra["micro_step"], extra["accumulators"])
-    opt._skipped_steps = extra["skipped_steps"].to(device=opt._primary_device(), dtype=torch.int64).reshape(())
+    # Copies, never views of the caller's dict: the counter is later updated in place.
+    opt._skipped_steps = extra["skipped_steps"].to(device=opt._primary_device(), dtype=torch.int64).reshape(()).clone()
     last = extra.get("last_grad_norm")
-    opt.last_grad_norm = None if last is None else last.to(opt._primary_device())
+    opt.last_grad_norm = None if last is None else last.to(opt._primary_device()).clone()

@@ -20,8 +20,8 @@ def tol(dtype):
 
 
 def loosest(dtypes):
-    # The tolerance for a value computed from tensors of several dtypes (e.g. a global norm).
-    return max((tol(d) for d in dtypes), key=lambda rt: rt[0])
+    # The dtype whose tolerance judges a value computed from several dtypes (e.g. a global norm).
+    return max(dtypes, key=lambda d: tol(d)[0])
 
 
 def assert_close(actual, expected, dtype=None, msg=""):
@@ -50,5 +50,6 @@ def assert_scalar_close(actual, expected, dtype, msg=""):
 def assert_bitwise(a, b, msg=""):
     # Bit-identical (NaN payload aside): same dtype, shape, and equal values incl. NaN positions.
     assert a.dtype == b.dtype and a.shape == b.shape, f"{msg}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-    assert torch.equal(a.detach().cpu().view(-1).view(torch.uint8) if a.numel() else a.cpu(),
-                       b.detach().cpu().view(-1).view(torch.uint8) if b.numel() else b.cpu()), f"{msg}: not bitwise equal"
+    raw_a = a.detach().cpu().contiguous().view(-1).view(torch.uint8)
+    raw_b = b.detach().cpu().contiguous().view(-1).view(torch.uint8)
+    assert torch.equal(raw_a, raw_b), f"{msg}: not bitwise equal"

@@ -93,7 +93,8 @@ void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, b
 }  // namespace
 
 void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool first,
-                 const std::optional<at::Tensor>& norm_state, double norm_type) {
+                 const std::optional<at::Tensor>& norm_state, double norm_type,
+                 const std::optional<at::Tensor>& amp_scale) {
   check_norm_type(kAccumulateOp, norm_type);
   check_same_length(kAccumulateOp, "grads", grads, "accs", accs);
   check_all_same_dtype(kAccumulateOp, "accs", accs);
@@ -107,6 +108,10 @@ void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool f
   }
   if (norm_state.has_value()) {
     check_norm_state(kAccumulateOp, *norm_state, at::Device(at::kCPU));
+  }
+  if (amp_scale.has_value()) {
+    check_amp_scale(kAccumulateOp, *amp_scale, at::Device(at::kCPU));
+    scale *= amp_inverse_scale(amp_scale->item<float>());  // CPU memory: no device sync
   }
   if (accs.empty()) {
     return;

@@ -33,13 +33,19 @@ struct AccumulateOp {
   using math_t = at::opmath_type<acc_t>;
   static constexpr int kWidth = pack_width<acc_t, grad_t>();
   math_t scale;
+  const float* amp_scale;  // GradScaler's scale on the device, or null
   double* partials;
   int64_t first_block;
   acc_t* acc = nullptr;
   const grad_t* grad = nullptr;
   ThreadNorm<kInfNorm> norm;
 
-  __device__ __forceinline__ bool begin_block() { return true; }
+  __device__ __forceinline__ bool begin_block() {
+    if (amp_scale != nullptr) {
+      scale = scale * static_cast<math_t>(amp_inverse_scale(*amp_scale));  // unscale without a host sync
+    }
+    return true;
+  }
 
   __device__ __forceinline__ void segment(const TensorTable<2>& table, int t, int64_t begin, int64_t n) {
     acc = static_cast<acc_t*>(table.ptrs[0][t]) + begin;
@@ -48,11 +54,11 @@ struct AccumulateOp {
   }
 
   template <int W>
-  __device__ __forceinline__ void run(const int64_t (&elem)[kIlp], const bool (&valid)[kIlp]) {
-    Pack<acc_t, W> a[kIlp];
-    Pack<grad_t, W> g[kIlp];
+  __device__ __forceinline__ void run(const int64_t (&elem)[kIlp<W>], const bool (&valid)[kIlp<W>]) {
+    Pack<acc_t, W> a[kIlp<W>];
+    Pack<grad_t, W> g[kIlp<W>];
 #pragma unroll
-    for (int k = 0; k < kIlp; ++k) {
+    for (int k = 0; k < kIlp<W>; ++k) {
       if (valid[k]) {
         g[k] = load_pack<W>(grad + elem[k]);
         if constexpr (!kFirst) {
@@ -61,7 +67,7 @@ struct AccumulateOp {
       }
     }
 #pragma unroll
-    for (int k = 0; k < kIlp; ++k) {
+    for (int k = 0; k < kIlp<W>; ++k) {
       if (valid[k]) {
 #pragma unroll
         for (int j = 0; j < W; ++j) {
@@ -85,13 +91,13 @@ struct AccumulateOp {
 
 template <typename acc_t, typename grad_t>
 void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, bool first,
-                      const std::optional<at::Tensor>& norm_state, bool inf_norm, const at::Device& device,
-                      cudaStream_t stream) {
+                      const std::optional<at::Tensor>& norm_state, bool inf_norm, const float* amp_scale,
+                      const at::Device& device, cudaStream_t stream) {
   using math_t = at::opmath_type<acc_t>;
   GRADFUSE_BOOL_SWITCH(first, kFirst, [&] {
     GRADFUSE_BOOL_SWITCH(norm_state.has_value(), kWithNorm, [&] {
-      GRADFUSE_BOOL_SWITCH(inf_norm && kWithNorm, kInfNorm, [&] {
-        using Op = AccumulateOp<acc_t, grad_t, kFirst, kWithNorm, kInfNorm>;
+      GRADFUSE_BOOL_SWITCH(inf_norm, kInfNorm, [&] {
+        using Op = AccumulateOp<acc_t, grad_t, kFirst, kWithNorm, kWithNorm && kInfNorm>;
         const MultiTensorLaunch<2, Op> launch({accs, grads}, {true, false}, device.index());
         if (launch.total_blocks() == 0) {
           return;  // only empty tensors: nothing to add, a zero partial changes no state
@@ -103,10 +109,10 @@ void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, b
           partials_ptr = partials.mutable_data_ptr<double>();
         }
         launch.launch(stream, [&](int64_t first_block) {
-          return Op{static_cast<math_t>(scale), partials_ptr, first_block};
+          return Op{static_cast<math_t>(scale), amp_scale, partials_ptr, first_block};
         });
         if constexpr (kWithNorm) {
-          merge_partials_into_state(partials, *norm_state, kInfNorm, stream);
+          merge_partials_into_state(partials, *norm_state, inf_norm, stream);
         }
       });
     });
@@ -116,7 +122,8 @@ void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, b
 }  // namespace
 
 void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool first,
-                 const std::optional<at::Tensor>& norm_state, double norm_type) {
+                 const std::optional<at::Tensor>& norm_state, double norm_type,
+                 const std::optional<at::Tensor>& amp_scale) {
   check_norm_type(kAccumulateOp, norm_type);
   check_same_length(kAccumulateOp, "grads", grads, "accs", accs);
   check_all_same_dtype(kAccumulateOp, "accs", accs);
@@ -135,6 +142,10 @@ void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool f
   if (norm_state.has_value()) {
     check_norm_state(kAccumulateOp, *norm_state, device);
   }
+  if (amp_scale.has_value()) {
+    check_amp_scale(kAccumulateOp, *amp_scale, device);
+  }
+  const float* amp_scale_ptr = amp_scale.has_value() ? amp_scale->const_data_ptr<float>() : nullptr;
   if (accs.empty()) {
     return;
   }
@@ -149,11 +160,13 @@ void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool f
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_type, "gradfuse_accumulate_cuda", [&] {
     if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
       if (acc_type == at::kFloat) {
-        accumulate_typed<float, scalar_t>(accs, grads, scale, first, norm_state, inf_norm, device, stream);
+        accumulate_typed<float, scalar_t>(accs, grads, scale, first, norm_state, inf_norm, amp_scale_ptr, device,
+                                          stream);
         return;
       }
     }
-    accumulate_typed<scalar_t, scalar_t>(accs, grads, scale, first, norm_state, inf_norm, device, stream);
+    accumulate_typed<scalar_t, scalar_t>(accs, grads, scale, first, norm_state, inf_norm, amp_scale_ptr, device,
+                                         stream);
   });
 }
 

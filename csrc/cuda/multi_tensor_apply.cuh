@@ -22,7 +22,10 @@ namespace gradfuse::cuda {
 
 constexpr int kBlockThreads = 256;  // 8 warps: enough for the shuffle reduction, many blocks per SM
 constexpr int kWarps = kBlockThreads / 32;
-constexpr int kIlp = 4;  // packs in flight per thread and list, to cover DRAM latency
+// Packs in flight per thread and list (to cover DRAM latency): 4, or 2 for 8-element packs,
+// whose half/bfloat16 conversions would otherwise cost occupancy.
+template <int W>
+constexpr int kIlp = W >= 8 ? 2 : 4;
 // Work-balancing granularity; every tensor starts on a unit, so unit offsets are pack aligned.
 constexpr int64_t kUnitElements = 1024;
 // CUDA 12.1+ accepts this many bytes of kernel parameters on sm_70 and newer.
@@ -79,14 +82,14 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 // Calls body.run<W>(elem, valid) for `count` packs of W elements starting at element `first`,
-// kIlp packs per thread and call so their loads are all in flight before any math.
+// kIlp<W> packs per thread and call so their loads are all in flight before any math.
 template <int W, typename Body>
 __device__ __forceinline__ void sweep_packs(int64_t first, int64_t count, Body& body) {
-  for (int64_t p = threadIdx.x; p < count; p += kIlp * kBlockThreads) {
-    int64_t elem[kIlp];
-    bool valid[kIlp];
+  for (int64_t p = threadIdx.x; p < count; p += kIlp<W> * kBlockThreads) {
+    int64_t elem[kIlp<W>];
+    bool valid[kIlp<W>];
 #pragma unroll
-    for (int k = 0; k < kIlp; ++k) {
+    for (int k = 0; k < kIlp<W>; ++k) {
       const int64_t q = p + k * kBlockThreads;
       valid[k] = q < count;
       elem[k] = first + q * W;

@@ -39,16 +39,16 @@ struct NormOp {
   }
 
   template <int W>
-  __device__ __forceinline__ void run(const int64_t (&elem)[kIlp], const bool (&valid)[kIlp]) {
-    Pack<T, W> x[kIlp];
+  __device__ __forceinline__ void run(const int64_t (&elem)[kIlp<W>], const bool (&valid)[kIlp<W>]) {
+    Pack<T, W> x[kIlp<W>];
 #pragma unroll
-    for (int k = 0; k < kIlp; ++k) {
+    for (int k = 0; k < kIlp<W>; ++k) {
       if (valid[k]) {
         x[k] = load_pack<W>(data + elem[k]);
       }
     }
 #pragma unroll
-    for (int k = 0; k < kIlp; ++k) {
+    for (int k = 0; k < kIlp<W>; ++k) {
       if (valid[k]) {
 #pragma unroll
         for (int j = 0; j < W; ++j) {

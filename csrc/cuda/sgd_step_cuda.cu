@@ -96,12 +96,12 @@ struct SgdOp {
   }
 
   template <int W>
-  __device__ __forceinline__ void run(const int64_t (&elem)[kIlp], const bool (&valid)[kIlp]) {
-    Pack<param_t, W> p[kIlp];
-    Pack<grad_t, W> g[kIlp];
-    Pack<param_t, W> b[kIlp];
+  __device__ __forceinline__ void run(const int64_t (&elem)[kIlp<W>], const bool (&valid)[kIlp<W>]) {
+    Pack<param_t, W> p[kIlp<W>];
+    Pack<grad_t, W> g[kIlp<W>];
+    Pack<param_t, W> b[kIlp<W>];
 #pragma unroll
-    for (int k = 0; k < kIlp; ++k) {
+    for (int k = 0; k < kIlp<W>; ++k) {
       if (valid[k]) {
         p[k] = load_pack<W>(param + elem[k]);
         g[k] = load_pack<W>(grad + elem[k]);
@@ -111,7 +111,7 @@ struct SgdOp {
       }
     }
 #pragma unroll
-    for (int k = 0; k < kIlp; ++k) {
+    for (int k = 0; k < kIlp<W>; ++k) {
       if (valid[k]) {
 #pragma unroll
         for (int j = 0; j < W; ++j) {
