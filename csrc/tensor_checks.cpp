@@ -46,6 +46,11 @@ void check_same_layout(const char* op, const char* name, int64_t index, const at
                     ref.strides(), "; both must share one memory layout");
 }
 
+void check_on_device(const char* op, const char* name, int64_t index, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, "[", index, "] is on ", t.device(), " but the ",
+                    "call runs on ", device, "; all tensors of one call must be on one device");
+}
+
 void check_dtype(const char* op, const char* name, int64_t index, const at::Tensor& t,
                  at::ScalarType expected) {
   TORCH_CHECK_TYPE(t.scalar_type() == expected, op, ": ", name, "[", index, "] has dtype ",

@@ -17,6 +17,8 @@ void check_dense_float(const char* op, const char* name, int64_t index, const at
 // Same device, shape and memory layout as ref, so flat index i means the same element in both.
 void check_same_layout(const char* op, const char* name, int64_t index, const at::Tensor& t,
                        const char* ref_name, const at::Tensor& ref);
+// t lives on device, the one device every tensor of an op call shares.
+void check_on_device(const char* op, const char* name, int64_t index, const at::Tensor& t, const at::Device& device);
 void check_dtype(const char* op, const char* name, int64_t index, const at::Tensor& t,
                  at::ScalarType expected);
 void check_all_same_dtype(const char* op, const char* name, at::TensorList list);

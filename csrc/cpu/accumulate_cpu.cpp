@@ -1,4 +1,5 @@
 // accumulate_ and accumulate_norm_ on the CPU: one sweep, optionally producing the norm.
+#include "../op_checks.h"
 #include "../ops.h"
 #include "../static_switch.h"
 #include "../tensor_checks.h"
@@ -11,9 +12,6 @@
 
 namespace gradfuse::cpu {
 namespace {
-
-constexpr const char* kAccumulateOp = "gradfuse::accumulate_";
-constexpr const char* kNormOp = "gradfuse::accumulate_norm_";
 
 // acc = (first ? 0 : acc) + scale * grad over [0, n), feeding the new acc values to the norm.
 template <typename acc_t, typename grad_t, bool kFirst, bool kWithNorm, typename Norm>
@@ -95,22 +93,8 @@ void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, b
 void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool first,
                  const std::optional<at::Tensor>& norm_state, double norm_type,
                  const std::optional<at::Tensor>& amp_scale) {
-  check_norm_type(kAccumulateOp, norm_type);
-  check_same_length(kAccumulateOp, "grads", grads, "accs", accs);
-  check_all_same_dtype(kAccumulateOp, "accs", accs);
-  check_all_same_dtype(kAccumulateOp, "grads", grads);
-  for (size_t i = 0; i < accs.size(); ++i) {
-    check_dense_float(kAccumulateOp, "accs", i, accs[i]);
-    check_dense_float(kAccumulateOp, "grads", i, grads[i]);
-    check_same_layout(kAccumulateOp, "grads", i, grads[i], "accs", accs[i]);
-    TORCH_CHECK_VALUE(accs[i].device().is_cpu(), kAccumulateOp, ": accs[", i, "] is on ", accs[i].device(),
-                      "; this is the CPU implementation");
-  }
-  if (norm_state.has_value()) {
-    check_norm_state(kAccumulateOp, *norm_state, at::Device(at::kCPU));
-  }
+  check_accumulate_inputs(accs, grads, norm_state, norm_type, amp_scale, at::Device(at::kCPU));
   if (amp_scale.has_value()) {
-    check_amp_scale(kAccumulateOp, *amp_scale, at::Device(at::kCPU));
     scale *= amp_inverse_scale(amp_scale->item<float>());  // CPU memory: no device sync
   }
   if (accs.empty()) {
@@ -118,9 +102,6 @@ void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool f
   }
   const at::ScalarType acc_type = accs[0].scalar_type();
   const at::ScalarType grad_type = grads[0].scalar_type();
-  TORCH_CHECK_TYPE(acc_type == grad_type || (acc_type == at::kFloat && at::isReducedFloatingType(grad_type)),
-                   kAccumulateOp, ": accumulators of dtype ", acc_type, " cannot take gradients of dtype ",
-                   grad_type, "; use the gradient dtype, or float32 for float16/bfloat16 gradients");
   const bool inf_norm = is_inf_norm(norm_type);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_type, "gradfuse_accumulate_cpu", [&] {
     if constexpr (is_reduced_float_v<scalar_t>) {
@@ -134,14 +115,7 @@ void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool f
 }
 
 void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, double norm_type) {
-  check_norm_type(kNormOp, norm_type);
-  check_norm_state(kNormOp, norm_state, at::Device(at::kCPU));
-  check_all_same_dtype(kNormOp, "tensors", tensors);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    check_dense_float(kNormOp, "tensors", i, tensors[i]);
-    TORCH_CHECK_VALUE(tensors[i].device().is_cpu(), kNormOp, ": tensors[", i, "] is on ",
-                      tensors[i].device(), "; this is the CPU implementation");
-  }
+  check_norm_inputs(norm_state, tensors, norm_type, at::Device(at::kCPU));
   if (tensors.empty()) {
     return;
   }

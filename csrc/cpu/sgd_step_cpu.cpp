@@ -1,6 +1,7 @@
 // finalize_norm_ and clipped_sgd_step_ on the CPU: the clip factor and skip decision are
 // derived from the norm tensor inside the op, and the update is one sweep over the data.
 #include "../element_math.h"
+#include "../op_checks.h"
 #include "../ops.h"
 #include "../tensor_checks.h"
 #include "flat_chunks.h"
@@ -11,9 +12,6 @@
 
 namespace gradfuse::cpu {
 namespace {
-
-constexpr const char* kFinalizeOp = "gradfuse::finalize_norm_";
-constexpr const char* kStepOp = "gradfuse::clipped_sgd_step_";
 
 template <typename param_t, typename grad_t>
 void sgd_segment(param_t* param, const grad_t* grad, param_t* buffer, int64_t n,
@@ -61,55 +59,11 @@ void sgd_step_typed(at::TensorList params, at::TensorList grads, at::TensorList 
   });
 }
 
-void check_step_inputs(at::TensorList params, at::TensorList grads, at::TensorList buffers,
-                       at::TensorList initialized, const at::Tensor& total_norm,
-                       const std::optional<at::Tensor>& lr_tensor, double momentum) {
-  check_same_length(kStepOp, "grads", grads, "params", params);
-  check_all_same_dtype(kStepOp, "params", params);
-  check_all_same_dtype(kStepOp, "grads", grads);
-  const bool use_momentum = momentum != 0.0;
-  if (use_momentum) {
-    check_same_length(kStepOp, "momentum_buffers", buffers, "params", params);
-    check_same_length(kStepOp, "momentum_initialized", initialized, "params", params);
-  }
-  const at::Device device(at::kCPU);
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_dense_float(kStepOp, "params", i, params[i]);
-    TORCH_CHECK_VALUE(params[i].device() == device, kStepOp, ": params[", i, "] is on ", params[i].device(),
-                      "; this is the CPU implementation");
-    check_dense_float(kStepOp, "grads", i, grads[i]);
-    check_same_layout(kStepOp, "grads", i, grads[i], "params", params[i]);
-    if (use_momentum) {
-      check_dense_float(kStepOp, "momentum_buffers", i, buffers[i]);
-      check_dtype(kStepOp, "momentum_buffers", i, buffers[i], params[i].scalar_type());
-      check_same_layout(kStepOp, "momentum_buffers", i, buffers[i], "params", params[i]);
-      check_dtype(kStepOp, "momentum_initialized", i, initialized[i], at::kBool);
-      check_scalar_tensor(kStepOp, "momentum_initialized", initialized[i], device);
-    }
-  }
-  check_scalar_tensor(kStepOp, "total_norm", total_norm, device);
-  check_dtype(kStepOp, "total_norm", 0, total_norm, at::kDouble);
-  if (lr_tensor.has_value()) {
-    check_scalar_tensor(kStepOp, "lr_tensor", *lr_tensor, device);
-  }
-  if (!params.empty()) {
-    const at::ScalarType p = params[0].scalar_type();
-    const at::ScalarType g = grads[0].scalar_type();
-    TORCH_CHECK_TYPE(g == p || (g == at::kFloat && at::isReducedFloatingType(p)), kStepOp,
-                     ": gradients of dtype ", g, " cannot update parameters of dtype ", p,
-                     "; use the parameter dtype, or float32 for float16/bfloat16 parameters");
-  }
-}
-
 }  // namespace
 
 at::Tensor finalize_norm_(const at::Tensor& norm_state, const at::Tensor& skipped_steps, double norm_type,
                           double scale, bool count_nonfinite) {
-  check_norm_type(kFinalizeOp, norm_type);
-  check_norm_state(kFinalizeOp, norm_state, norm_state.device());
-  TORCH_CHECK_VALUE(norm_state.device().is_cpu(), kFinalizeOp, ": this is the CPU implementation");
-  check_scalar_tensor(kFinalizeOp, "skipped_steps", skipped_steps, norm_state.device());
-  check_dtype(kFinalizeOp, "skipped_steps", 0, skipped_steps, at::kLong);
+  check_finalize_inputs(norm_state, skipped_steps, norm_type, at::Device(at::kCPU));
   double* state = norm_state.data_ptr<double>();
   const double norm = norm_finalize(state[0], state[1] != 0.0, is_inf_norm(norm_type), scale);
   state[0] = 0.0;  // ready for the next cycle without a separate zeroing pass
@@ -127,7 +81,8 @@ void clipped_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLi
                        const std::optional<at::Tensor>& lr_tensor, double lr, double weight_decay,
                        double momentum, double dampening, bool nesterov, bool maximize, double grad_scale,
                        double max_norm, bool skip_nonfinite) {
-  check_step_inputs(params, grads, momentum_buffers, momentum_initialized, total_norm, lr_tensor, momentum);
+  check_step_inputs(params, grads, momentum_buffers, momentum_initialized, total_norm, lr_tensor, momentum,
+                    at::Device(at::kCPU));
   const double norm = total_norm.item<double>();  // CPU memory: no device synchronisation involved
   if (params.empty() || skip_update(norm, skip_nonfinite)) {
     return;

@@ -1,5 +1,6 @@
 // accumulate_ on CUDA: acc = (first ? 0 : acc) + scale * grad in one sweep, optionally adding
 // the norm of the stored accumulators as per-block partials merged on the device.
+#include "../op_checks.h"
 #include "../ops.h"
 #include "../static_switch.h"
 #include "../tensor_checks.h"
@@ -124,36 +125,18 @@ void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, b
 void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool first,
                  const std::optional<at::Tensor>& norm_state, double norm_type,
                  const std::optional<at::Tensor>& amp_scale) {
-  check_norm_type(kAccumulateOp, norm_type);
-  check_same_length(kAccumulateOp, "grads", grads, "accs", accs);
-  check_all_same_dtype(kAccumulateOp, "accs", accs);
-  check_all_same_dtype(kAccumulateOp, "grads", grads);
   if (accs.empty() && !norm_state.has_value()) {
     return;
   }
   const at::Device device = accs.empty() ? norm_state->device() : accs[0].device();
   check_cuda_device(kAccumulateOp, accs.empty() ? "norm_state" : "accs[0]", device);
-  for (size_t i = 0; i < accs.size(); ++i) {
-    check_dense_float(kAccumulateOp, "accs", i, accs[i]);
-    check_dense_float(kAccumulateOp, "grads", i, grads[i]);
-    check_on_device(kAccumulateOp, "accs", i, accs[i], device);
-    check_same_layout(kAccumulateOp, "grads", i, grads[i], "accs", accs[i]);
-  }
-  if (norm_state.has_value()) {
-    check_norm_state(kAccumulateOp, *norm_state, device);
-  }
-  if (amp_scale.has_value()) {
-    check_amp_scale(kAccumulateOp, *amp_scale, device);
-  }
+  check_accumulate_inputs(accs, grads, norm_state, norm_type, amp_scale, device);
   const float* amp_scale_ptr = amp_scale.has_value() ? amp_scale->const_data_ptr<float>() : nullptr;
   if (accs.empty()) {
     return;
   }
   const at::ScalarType acc_type = accs[0].scalar_type();
   const at::ScalarType grad_type = grads[0].scalar_type();
-  TORCH_CHECK_TYPE(acc_type == grad_type || (acc_type == at::kFloat && at::isReducedFloatingType(grad_type)),
-                   kAccumulateOp, ": accumulators of dtype ", acc_type, " cannot take gradients of dtype ",
-                   grad_type, "; use the gradient dtype, or float32 for float16/bfloat16 gradients");
   const bool inf_norm = is_inf_norm(norm_type);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();

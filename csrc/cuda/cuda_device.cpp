@@ -30,10 +30,4 @@ void check_cuda_device(const char* op, const char* name, const at::Device& devic
                     "; this is the CUDA implementation, all tensors must be on one CUDA device");
 }
 
-void check_on_device(const char* op, const char* name, int64_t index, const at::Tensor& t,
-                     const at::Device& device) {
-  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, "[", index, "] is on ", t.device(), " but the ",
-                    "tensors are on ", device, "; all tensors of one call must be on one CUDA device");
-}
-
 }  // namespace gradfuse::cuda

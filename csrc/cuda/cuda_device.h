@@ -10,8 +10,5 @@ int multiprocessor_count(int device);
 
 // The device of a CUDA op call: must be a CUDA device (what names the offending tensor).
 void check_cuda_device(const char* op, const char* name, const at::Device& device);
-// t lives on device, the one device every tensor of the call shares.
-void check_on_device(const char* op, const char* name, int64_t index, const at::Tensor& t,
-                     const at::Device& device);
 
 }  // namespace gradfuse::cuda

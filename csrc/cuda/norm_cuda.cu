@@ -1,6 +1,7 @@
 // accumulate_norm_ and finalize_norm_ on CUDA: per-block norm partials, merged on the device in
 // a fixed order into norm_state; the finalized norm never leaves the device.
 #include "../element_math.h"
+#include "../op_checks.h"
 #include "../ops.h"
 #include "../static_switch.h"
 #include "../tensor_checks.h"
@@ -101,15 +102,9 @@ void merge_partials_into_state(const at::Tensor& partials, const at::Tensor& nor
 }
 
 void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, double norm_type) {
-  check_norm_type(kNormOp, norm_type);
   const at::Device device = norm_state.device();
   check_cuda_device(kNormOp, "norm_state", device);
-  check_norm_state(kNormOp, norm_state, device);
-  check_all_same_dtype(kNormOp, "tensors", tensors);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    check_dense_float(kNormOp, "tensors", i, tensors[i]);
-    check_on_device(kNormOp, "tensors", i, tensors[i], device);
-  }
+  check_norm_inputs(norm_state, tensors, norm_type, device);
   if (tensors.empty()) {
     return;
   }
@@ -133,12 +128,9 @@ void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, doub
 
 at::Tensor finalize_norm_(const at::Tensor& norm_state, const at::Tensor& skipped_steps, double norm_type,
                           double scale, bool count_nonfinite) {
-  check_norm_type(kFinalizeOp, norm_type);
   const at::Device device = norm_state.device();
   check_cuda_device(kFinalizeOp, "norm_state", device);
-  check_norm_state(kFinalizeOp, norm_state, device);
-  check_scalar_tensor(kFinalizeOp, "skipped_steps", skipped_steps, device);
-  check_dtype(kFinalizeOp, "skipped_steps", 0, skipped_steps, at::kLong);
+  check_finalize_inputs(norm_state, skipped_steps, norm_type, device);
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor result = at::empty({}, norm_state.options());
   finalize_norm_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream(device.index()).stream()>>>(

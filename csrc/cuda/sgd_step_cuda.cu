@@ -1,6 +1,7 @@
 // clipped_sgd_step_ on CUDA: every block derives the clip factor and skip decision from the
 // device-resident total norm (and lr tensor), then one pass updates params and momentum.
 #include "../element_math.h"
+#include "../op_checks.h"
 #include "../ops.h"
 #include "../static_switch.h"
 #include "../tensor_checks.h"
@@ -186,45 +187,6 @@ DeviceLr resolve_lr(const std::optional<at::Tensor>& lr_tensor, double lr, at::T
   }
 }
 
-void check_step_inputs(at::TensorList params, at::TensorList grads, at::TensorList buffers,
-                       at::TensorList initialized, const at::Tensor& total_norm,
-                       const std::optional<at::Tensor>& lr_tensor, double momentum, const at::Device& device) {
-  check_same_length(kStepOp, "grads", grads, "params", params);
-  check_all_same_dtype(kStepOp, "params", params);
-  check_all_same_dtype(kStepOp, "grads", grads);
-  const bool use_momentum = momentum != 0.0;
-  if (use_momentum) {
-    check_same_length(kStepOp, "momentum_buffers", buffers, "params", params);
-    check_same_length(kStepOp, "momentum_initialized", initialized, "params", params);
-  }
-  check_cuda_device(kStepOp, params.empty() ? "total_norm" : "params[0]", device);
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_dense_float(kStepOp, "params", i, params[i]);
-    check_on_device(kStepOp, "params", i, params[i], device);
-    check_dense_float(kStepOp, "grads", i, grads[i]);
-    check_same_layout(kStepOp, "grads", i, grads[i], "params", params[i]);
-    if (use_momentum) {
-      check_dense_float(kStepOp, "momentum_buffers", i, buffers[i]);
-      check_dtype(kStepOp, "momentum_buffers", i, buffers[i], params[i].scalar_type());
-      check_same_layout(kStepOp, "momentum_buffers", i, buffers[i], "params", params[i]);
-      check_dtype(kStepOp, "momentum_initialized", i, initialized[i], at::kBool);
-      check_scalar_tensor(kStepOp, "momentum_initialized", initialized[i], device);
-    }
-  }
-  check_scalar_tensor(kStepOp, "total_norm", total_norm, device);
-  check_dtype(kStepOp, "total_norm", 0, total_norm, at::kDouble);
-  if (lr_tensor.has_value()) {
-    check_scalar_tensor(kStepOp, "lr_tensor", *lr_tensor, device);
-  }
-  if (!params.empty()) {
-    const at::ScalarType p = params[0].scalar_type();
-    const at::ScalarType g = grads[0].scalar_type();
-    TORCH_CHECK_TYPE(g == p || (g == at::kFloat && at::isReducedFloatingType(p)), kStepOp,
-                     ": gradients of dtype ", g, " cannot update parameters of dtype ", p,
-                     "; use the parameter dtype, or float32 for float16/bfloat16 parameters");
-  }
-}
-
 }  // namespace
 
 void clipped_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -233,6 +195,7 @@ void clipped_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLi
                        double momentum, double dampening, bool nesterov, bool maximize, double grad_scale,
                        double max_norm, bool skip_nonfinite) {
   const at::Device device = params.empty() ? total_norm.device() : params[0].device();
+  check_cuda_device(kStepOp, params.empty() ? "total_norm" : "params[0]", device);
   check_step_inputs(params, grads, momentum_buffers, momentum_initialized, total_norm, lr_tensor, momentum,
                     device);
   if (params.empty()) {

@@ -1,0 +1,105 @@
+#include "op_checks.h"
+
+#include "tensor_checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace gradfuse {
+namespace {
+
+constexpr const char* kAccumulateOp = "gradfuse::accumulate_";
+constexpr const char* kNormOp = "gradfuse::accumulate_norm_";
+constexpr const char* kFinalizeOp = "gradfuse::finalize_norm_";
+constexpr const char* kStepOp = "gradfuse::clipped_sgd_step_";
+
+}  // namespace
+
+at::Device call_device(at::TensorList list, const at::Tensor& fallback) {
+  return list.empty() ? fallback.device() : list[0].device();
+}
+
+void check_accumulate_inputs(at::TensorList accs, at::TensorList grads, const std::optional<at::Tensor>& norm_state,
+                             double norm_type, const std::optional<at::Tensor>& amp_scale, const at::Device& device) {
+  check_norm_type(kAccumulateOp, norm_type);
+  check_same_length(kAccumulateOp, "grads", grads, "accs", accs);
+  check_all_same_dtype(kAccumulateOp, "accs", accs);
+  check_all_same_dtype(kAccumulateOp, "grads", grads);
+  for (size_t i = 0; i < accs.size(); ++i) {
+    check_dense_float(kAccumulateOp, "accs", i, accs[i]);
+    check_dense_float(kAccumulateOp, "grads", i, grads[i]);
+    check_on_device(kAccumulateOp, "accs", i, accs[i], device);
+    check_same_layout(kAccumulateOp, "grads", i, grads[i], "accs", accs[i]);
+  }
+  if (norm_state.has_value()) {
+    check_norm_state(kAccumulateOp, *norm_state, device);
+  }
+  if (amp_scale.has_value()) {
+    check_amp_scale(kAccumulateOp, *amp_scale, device);
+  }
+  if (!accs.empty()) {
+    const at::ScalarType a = accs[0].scalar_type();
+    const at::ScalarType g = grads[0].scalar_type();
+    TORCH_CHECK_TYPE(a == g || (a == at::kFloat && at::isReducedFloatingType(g)), kAccumulateOp,
+                     ": accumulators of dtype ", a, " cannot take gradients of dtype ", g,
+                     "; use the gradient dtype, or float32 for float16/bfloat16 gradients");
+  }
+}
+
+void check_norm_inputs(const at::Tensor& norm_state, at::TensorList tensors, double norm_type,
+                       const at::Device& device) {
+  check_norm_type(kNormOp, norm_type);
+  check_norm_state(kNormOp, norm_state, device);
+  check_all_same_dtype(kNormOp, "tensors", tensors);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_dense_float(kNormOp, "tensors", i, tensors[i]);
+    check_on_device(kNormOp, "tensors", i, tensors[i], device);
+  }
+}
+
+void check_finalize_inputs(const at::Tensor& norm_state, const at::Tensor& skipped_steps, double norm_type,
+                           const at::Device& device) {
+  check_norm_type(kFinalizeOp, norm_type);
+  check_norm_state(kFinalizeOp, norm_state, device);
+  check_scalar_tensor(kFinalizeOp, "skipped_steps", skipped_steps, device);
+  check_dtype(kFinalizeOp, "skipped_steps", 0, skipped_steps, at::kLong);
+}
+
+void check_step_inputs(at::TensorList params, at::TensorList grads, at::TensorList buffers,
+                       at::TensorList initialized, const at::Tensor& total_norm,
+                       const std::optional<at::Tensor>& lr_tensor, double momentum, const at::Device& device) {
+  check_same_length(kStepOp, "grads", grads, "params", params);
+  check_all_same_dtype(kStepOp, "params", params);
+  check_all_same_dtype(kStepOp, "grads", grads);
+  const bool use_momentum = momentum != 0.0;
+  if (use_momentum) {
+    check_same_length(kStepOp, "momentum_buffers", buffers, "params", params);
+    check_same_length(kStepOp, "momentum_initialized", initialized, "params", params);
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_dense_float(kStepOp, "params", i, params[i]);
+    check_on_device(kStepOp, "params", i, params[i], device);
+    check_dense_float(kStepOp, "grads", i, grads[i]);
+    check_same_layout(kStepOp, "grads", i, grads[i], "params", params[i]);
+    if (use_momentum) {
+      check_dense_float(kStepOp, "momentum_buffers", i, buffers[i]);
+      check_dtype(kStepOp, "momentum_buffers", i, buffers[i], params[i].scalar_type());
+      check_same_layout(kStepOp, "momentum_buffers", i, buffers[i], "params", params[i]);
+      check_dtype(kStepOp, "momentum_initialized", i, initialized[i], at::kBool);
+      check_scalar_tensor(kStepOp, "momentum_initialized", initialized[i], device);
+    }
+  }
+  check_scalar_tensor(kStepOp, "total_norm", total_norm, device);
+  check_dtype(kStepOp, "total_norm", 0, total_norm, at::kDouble);
+  if (lr_tensor.has_value()) {
+    check_scalar_tensor(kStepOp, "lr_tensor", *lr_tensor, device);
+  }
+  if (!params.empty()) {
+    const at::ScalarType p = params[0].scalar_type();
+    const at::ScalarType g = grads[0].scalar_type();
+    TORCH_CHECK_TYPE(g == p || (g == at::kFloat && at::isReducedFloatingType(p)), kStepOp,
+                     ": gradients of dtype ", g, " cannot update parameters of dtype ", p,
+                     "; use the parameter dtype, or float32 for float16/bfloat16 parameters");
+  }
+}
+
+}  // namespace gradfuse

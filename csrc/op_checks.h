@@ -1,0 +1,23 @@
+// The complete input checks of each op, shared by the CPU and CUDA implementations: every op
+// validates all of its inputs here before it touches any memory.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+namespace gradfuse {
+
+// The device an op call runs on: the first tensor's, or `fallback`'s when the lists are empty.
+at::Device call_device(at::TensorList list, const at::Tensor& fallback);
+
+void check_accumulate_inputs(at::TensorList accs, at::TensorList grads, const std::optional<at::Tensor>& norm_state,
+                             double norm_type, const std::optional<at::Tensor>& amp_scale, const at::Device& device);
+void check_norm_inputs(const at::Tensor& norm_state, at::TensorList tensors, double norm_type,
+                       const at::Device& device);
+void check_finalize_inputs(const at::Tensor& norm_state, const at::Tensor& skipped_steps, double norm_type,
+                           const at::Device& device);
+void check_step_inputs(at::TensorList params, at::TensorList grads, at::TensorList buffers,
+                       at::TensorList initialized, const at::Tensor& total_norm,
+                       const std::optional<at::Tensor>& lr_tensor, double momentum, const at::Device& device);
+
+}  // namespace gradfuse
