@@ -109,18 +109,26 @@ def build_extension():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"] + host_cpu_flags()
+    # -ffp-contract=off / -fmad=false: no fused multiply-adds, so the CPU vector loops, their scalar
+    # tails and the CUDA kernels all round every product and sum the same way.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"] + host_cpu_flags()
     if "CPU_CAPABILITY=AVX2" not in " ".join(cxx_flags):
         cxx_flags.append("-DCPU_CAPABILITY=DEFAULT")
+    # at::parallel_for is an inline OpenMP loop: without -fopenmp every CPU kernel runs on one thread.
+    cxx_flags.append("-fopenmp")
+    link_flags = ["-fopenmp"]
     if cuda_home is None:
-        return CppExtension("gradfuse._C", sources, extra_compile_args={"cxx": cxx_flags}), BuildExtension
+        extension = CppExtension("gradfuse._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                 extra_link_args=link_flags)
+        return extension, BuildExtension
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     # No --use_fast_math: CUDA must round (and keep subnormals) exactly like the CPU path.
-    nvcc_flags = ["-O3", "-lineinfo", "-DGRADFUSE_WITH_CUDA"]
+    nvcc_flags = ["-O3", "-fmad=false", "-lineinfo", "-DGRADFUSE_WITH_CUDA"]
     if os.environ.get("GRADFUSE_PTXAS_VERBOSE") == "1":
         nvcc_flags.append("-Xptxas=-v")  # register / spill report per kernel
     cxx_flags.append("-DGRADFUSE_WITH_CUDA")
-    extension = CUDAExtension("gradfuse._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+    extension = CUDAExtension("gradfuse._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                              extra_link_args=link_flags)
     return extension, BuildExtension
 
 

@@ -29,18 +29,41 @@ std::pair<int64_t, std::string> inspect_parameters(const std::vector<at::Tensor>
   return {-1, std::string()};
 }
 
+// Inspects the gradients of a fixed parameter list once per step; the parameters are converted
+// once at construction and the gradients straight from the Python list (the per-step hot path).
+class GradientInspector {
+ public:
+  explicit GradientInspector(std::vector<at::Tensor> params) : params_(std::move(params)) {}
+
+  py::tuple inspect(const py::list& grads) const {
+    TORCH_CHECK_VALUE(grads.size() == params_.size(), "GradientInspector: ", grads.size(), " gradients for ",
+                      params_.size(), " parameters");
+    std::vector<std::optional<at::Tensor>> unpacked(params_.size());
+    for (size_t i = 0; i < params_.size(); ++i) {
+      PyObject* item = PyList_GET_ITEM(grads.ptr(), static_cast<Py_ssize_t>(i));
+      if (item == Py_None) {
+        continue;
+      }
+      TORCH_CHECK_TYPE(THPVariable_Check(item), "parameter ", i, " has a .grad that is not a tensor");
+      unpacked[i] = THPVariable_Unpack(item);
+    }
+    const gradfuse::GradientReport report = gradfuse::inspect_gradients(params_, unpacked);
+    return py::make_tuple(report.bad_index, report.reason, py::bytes(report.codes));
+  }
+
+ private:
+  std::vector<at::Tensor> params_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gradfuse native ops (registered under torch.ops.gradfuse)";
   m.def("inspect_parameters", &inspect_parameters, "First unusable parameter as (index, reason)");
-  m.def(
-      "inspect_gradients",
-      [](const std::vector<at::Tensor>& params, const std::vector<std::optional<at::Tensor>>& grads) {
-        auto report = gradfuse::inspect_gradients(params, grads);
-        return std::make_tuple(report.bad_index, report.reason, py::bytes(report.codes));
-      },
-      "First unusable gradient as (index, reason, bytes of one GradientCode per parameter)");
+  py::class_<GradientInspector>(m, "GradientInspector")
+      .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
+      .def("inspect", &GradientInspector::inspect, py::arg("grads"),
+           "(index of the first unusable gradient or -1, reason, bytes of one GradientCode per parameter)");
 #ifdef GRADFUSE_WITH_CUDA
   m.attr("cuda_compiled") = true;
 #else

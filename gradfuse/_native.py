@@ -11,4 +11,4 @@ except ImportError as error:  # pragma: no cover - exercised only on an unbuilt 
 
 cuda_compiled = bool(_C.cuda_compiled)
 inspect_parameters = _C.inspect_parameters
-inspect_gradients = _C.inspect_gradients
+GradientInspector = _C.GradientInspector

@@ -7,7 +7,7 @@ from torch.optim import Optimizer
 
 from . import hyperparameters as hp
 from . import ops
-from ._native import inspect_gradients, inspect_parameters
+from ._native import GradientInspector, inspect_parameters
 from .state_io import export_state, import_state
 
 
@@ -19,7 +19,7 @@ class _Bucket:
         self.start, self.stop = start, start + 1
         self.group_index, self.device, self.acc_dtype, self.adopts = group_index, device, acc_dtype, adopts
 
-# GradientCode values (csrc/tensor_checks.h) as the bytes inspect_gradients returns.
+# GradientCode values (csrc/tensor_checks.h) as the bytes GradientInspector.inspect returns.
 _NONE, _ADOPT, _RELAYOUT = b"\x00", b"\x01", b"\x03"
 
 _NO_GRADIENT = ("step() was called but no parameter has a gradient: call backward() before step() "
@@ -113,6 +113,7 @@ class FusedAccumSGD(Optimizer):
         keys = [(gi, str(p.device), str(p.dtype)) for gi, p in entries]
         self._order = sorted(range(len(entries)), key=lambda i: keys[i])  # sorted slot -> param index
         self._sorted = [self._params[i] for i in self._order]
+        self._inspector = GradientInspector(self._sorted)
         self._buckets: List[_Bucket] = []
         for k, i in enumerate(self._order):
             if not self._buckets or keys[self._order[k - 1]] != keys[i]:
@@ -185,7 +186,7 @@ class FusedAccumSGD(Optimizer):
     def _gather_gradients(self):
         """Gradients in slot order and their GradientCode bytes, validated before any change."""
         grads = [p.grad for p in self._sorted]
-        bad, reason, codes = inspect_gradients(self._sorted, grads)
+        bad, reason, codes = self._inspector.inspect(grads)
         if bad >= 0:
             raise RuntimeError(f"FusedAccumSGD: {self._describe(self._order[bad])} {reason}")
         if codes.count(_NONE) == len(codes):
@@ -288,19 +289,18 @@ class FusedAccumSGD(Optimizer):
         """0-dim float64 norm of A over all devices, counted as skipped when non-finite."""
         scale = 1.0 / self.accumulation_steps
         count = self._skips_nonfinite() or self.error_if_nonfinite
-        devices = list(self._norm_states)
-        if len(devices) == 1:
-            return ops.finalize_norm_(self._norm_states[devices[0]], self.skipped_steps, self.norm_type, scale,
-                                      count)
         primary = self.skipped_steps.device
-        norms = torch.stack([
-            ops.finalize_norm_(self._norm_states[d], self.skipped_steps.to(d), self.norm_type, scale, False)
-            .to(primary) for d in devices])
-        total = norms.abs().max() if self.norm_type == float("inf") else norms.square().sum().sqrt()
-        total = torch.where(torch.isnan(norms).any(), torch.full_like(total, float("nan")), total)
-        if count:
-            self.skipped_steps.add_((~torch.isfinite(total)).to(torch.int64))
-        return total
+        state = self._norm_state(primary)
+        for device, other in self._norm_states.items():
+            if device != primary:  # several devices: merge the raw states (a copy that syncs on CPU+CUDA)
+                moved = other.to(primary)
+                if self.norm_type == float("inf"):
+                    state[:1].copy_(torch.maximum(state[:1], moved[:1]))  # maximum keeps NaN
+                else:
+                    state[:1].add_(moved[:1])
+                state[1:].copy_(torch.maximum(state[1:], moved[1:]))
+                other.zero_()
+        return ops.finalize_norm_(state, self.skipped_steps, self.norm_type, scale, count)
 
     def _finish_cycle(self):
         total = self._total_norm()
@@ -323,7 +323,8 @@ class FusedAccumSGD(Optimizer):
             buffers, flags = self._momentum_state(bi, slots) if group["momentum"] != 0 else ([], [])
             lr = group["lr"]
             if isinstance(lr, torch.Tensor) and lr.device != b.device:
-                lr = lr.to(b.device)
+                # A CPU lr is read on the host (no device sync); a lr on another GPU is copied over.
+                lr = lr.item() if lr.device.type == "cpu" else lr.to(b.device)
             if b.device not in norm_on:
                 norm_on[b.device] = total.to(b.device)
             ops.clipped_sgd_step_(params, accs, buffers, flags, norm_on[b.device], lr, group["weight_decay"],

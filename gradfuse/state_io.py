@@ -105,6 +105,9 @@ def _validate(opt, state_dict):
     skipped = extra["skipped_steps"]
     if not isinstance(skipped, torch.Tensor) or skipped.numel() != 1 or skipped.is_floating_point():
         _fail("skipped_steps must be a 1-element integer tensor")
+    last = extra.get("last_grad_norm")
+    if last is not None and (not isinstance(last, torch.Tensor) or last.numel() != 1 or not last.is_floating_point()):
+        _fail("last_grad_norm must be None or a 1-element floating-point tensor")
 
 
 def _like_param(value, param):

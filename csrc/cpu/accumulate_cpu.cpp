@@ -13,40 +13,27 @@
 namespace gradfuse::cpu {
 namespace {
 
-// acc = (first ? 0 : acc) + scale * grad over [0, n), feeding the new acc values to the norm.
+// acc = (first ? 0 : acc) + scale * grad over [0, n); the norm is then taken of each
+// just-stored block while it is still in L1 (so it is the norm of exactly what was stored).
 template <typename acc_t, typename grad_t, bool kFirst, bool kWithNorm, typename Norm>
 void accumulate_segment(acc_t* acc, const grad_t* grad, int64_t n, at::opmath_type<acc_t> scale, Norm& norm) {
   using math_t = at::opmath_type<acc_t>;
   using Vec = at::vec::Vectorized<math_t>;
   const Vec scale_vec(scale);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec base = kFirst ? Vec(math_t(0)) : load_math<math_t>(acc + i);
-    const Vec sum = base + scale_vec * load_math<math_t>(grad + i);
-    store_math(acc + i, sum);
-    if constexpr (kWithNorm) {
-      norm.add(is_reduced_float_v<acc_t> ? load_math<math_t>(acc + i) : sum);  // norm of what was stored
+  for (int64_t begin = 0; begin < n; begin += kNormBlock) {
+    const int64_t end = std::min(n, begin + kNormBlock);
+    int64_t i = begin;
+    for (; i + Vec::size() <= end; i += Vec::size()) {
+      const Vec base = kFirst ? Vec(math_t(0)) : load_math<math_t>(acc + i);
+      store_math(acc + i, base + scale_vec * load_math<math_t>(grad + i));
     }
-  }
-  for (; i < n; ++i) {
-    const math_t base = kFirst ? math_t(0) : to_math<math_t>(acc[i]);
-    acc[i] = static_cast<acc_t>(base + scale * to_math<math_t>(grad[i]));
-    if constexpr (kWithNorm) {
-      norm.add(to_math<math_t>(acc[i]));
+    for (; i < end; ++i) {
+      const math_t base = kFirst ? math_t(0) : to_math<math_t>(acc[i]);
+      acc[i] = static_cast<acc_t>(base + scale * to_math<math_t>(grad[i]));
     }
-  }
-}
-
-template <typename T, typename Norm>
-void norm_segment(const T* data, int64_t n, Norm& norm) {
-  using math_t = at::opmath_type<T>;
-  using Vec = at::vec::Vectorized<math_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    norm.add(load_math<math_t>(data + i));
-  }
-  for (; i < n; ++i) {
-    norm.add(to_math<math_t>(data[i]));
+    if constexpr (kWithNorm) {
+      norm.add_block(acc + begin, end - begin);
+    }
   }
 }
 
@@ -129,7 +116,7 @@ void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, doub
       chunks.parallel_for_chunks([&](int64_t c) {
         NormAccumulator<math_t, kInfNorm> norm;
         chunks.for_each_segment(c, [&](int64_t t, int64_t begin, int64_t end) {
-          norm_segment(pointers[t] + begin, end - begin, norm);
+          add_norm_of(pointers[t] + begin, end - begin, norm);
         });
         partials[c] = norm.total();
       });

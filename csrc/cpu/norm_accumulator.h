@@ -1,36 +1,121 @@
-// Running norm of a stream of values, kept in double lanes (one per vector lane) so squares of
-// large float32 values never overflow and the summation order is fixed.
+// Running norm of a stream of values in double-precision vector lanes: squares of large float32
+// values never overflow, and the summation order is fixed (bitwise reproducible).
 #pragma once
 
 #include "../element_math.h"
+#include "vec_io.h"
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <cmath>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 namespace gradfuse::cpu {
 
+using DoubleVec = at::vec::Vectorized<double>;
+
+// The two double vectors holding the lanes of a float vector.
+inline void widen(const at::vec::Vectorized<float>& v, DoubleVec& low, DoubleVec& high) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 x = v;
+  low = DoubleVec(_mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+  high = DoubleVec(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+#else
+  static_assert(at::vec::Vectorized<float>::size() == 2 * DoubleVec::size(), "float vector = two double vectors");
+  float values[at::vec::Vectorized<float>::size()];
+  v.store(values);
+  double wide[at::vec::Vectorized<float>::size()];
+  for (int i = 0; i < at::vec::Vectorized<float>::size(); ++i) {
+    wide[i] = values[i];
+  }
+  low = DoubleVec::loadu(wide);
+  high = DoubleVec::loadu(wide + DoubleVec::size());
+#endif
+}
+
+// Elements per norm block: blocks let a fused pass take the norm of what it just stored while
+// that is still in L1.
+constexpr int64_t kNormBlock = 256;
+
+// Two double vectors holding eight float32 values read straight from memory (no shuffle).
+inline void load_widened(const float* data, DoubleVec& low, DoubleVec& high) {
+#if defined(CPU_CAPABILITY_AVX2)
+  low = DoubleVec(_mm256_cvtps_pd(_mm_loadu_ps(data)));
+  high = DoubleVec(_mm256_cvtps_pd(_mm_loadu_ps(data + 4)));
+#else
+  widen(at::vec::Vectorized<float>::loadu(data), low, high);
+#endif
+}
+
+// Norm of blocks of stored values, every square and sum in double: a float64 result whatever
+// the storage type (fp64 parameters next to fp32 ones must not see a float-rounded norm), and
+// 1e30-sized float32 values square without overflow.
 template <typename math_t, bool kInfNorm>
 struct NormAccumulator {
-  static constexpr int kLanes = at::vec::Vectorized<math_t>::size();
-  double lanes[kLanes] = {};
+  using Vec = at::vec::Vectorized<math_t>;
+  DoubleVec acc[4] = {DoubleVec(0.0), DoubleVec(0.0), DoubleVec(0.0), DoubleVec(0.0)};
+  double scalar = 0.0;
 
-  inline void add(const at::vec::Vectorized<math_t>& v) {
-    math_t values[kLanes];
-    v.store(values);
-    for (int l = 0; l < kLanes; ++l) {
-      lanes[l] = norm_combine(lanes[l], static_cast<double>(values[l]), kInfNorm);
+  template <typename T>
+  inline void add_block(const T* data, int64_t n) {
+    int64_t i = 0;
+    for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+      if constexpr (std::is_same_v<T, double>) {
+        acc[0] = combine(acc[0], DoubleVec::loadu(data + i));
+        acc[1] = combine(acc[1], DoubleVec::loadu(data + i + Vec::size()));
+      } else {
+        DoubleVec v[4];
+        if constexpr (std::is_same_v<T, float>) {
+          load_widened(data + i, v[0], v[1]);
+          load_widened(data + i + Vec::size(), v[2], v[3]);
+        } else {
+          widen(load_math<float>(data + i), v[0], v[1]);
+          widen(load_math<float>(data + i + Vec::size()), v[2], v[3]);
+        }
+        for (int k = 0; k < 4; ++k) {  // fixed indices after unrolling: stays in registers
+          acc[k] = combine(acc[k], v[k]);
+        }
+      }
+    }
+    for (; i < n; ++i) {
+      scalar = norm_combine(scalar, static_cast<double>(static_cast<math_t>(data[i])), kInfNorm);
     }
   }
 
-  inline void add(math_t value) { lanes[0] = norm_combine(lanes[0], static_cast<double>(value), kInfNorm); }
-
+  // Lanes merged in a fixed order.
   inline double total() const {
-    double sum = lanes[0];
-    for (int l = 1; l < kLanes; ++l) {
-      sum = norm_merge(sum, lanes[l], kInfNorm);
+    double sum = scalar;
+    for (const DoubleVec& a : acc) {
+      double lanes[DoubleVec::size()];
+      a.store(lanes);
+      for (double lane : lanes) {
+        sum = norm_merge(sum, lane, kInfNorm);
+      }
     }
     return sum;
   }
+
+ private:
+  static inline DoubleVec combine(const DoubleVec& running, const DoubleVec& x) {
+    if constexpr (kInfNorm) {
+      return at::vec::maximum(running, x.abs());  // propagates NaN, like norm_combine
+    } else {
+      return running + x * x;
+    }
+  }
 };
+
+// Feeds [0, n) of data to the accumulator in kNormBlock blocks.
+template <typename T, typename Norm>
+inline void add_norm_of(const T* data, int64_t n, Norm& norm) {
+  for (int64_t begin = 0; begin < n; begin += kNormBlock) {
+    norm.add_block(data + begin, std::min(kNormBlock, n - begin));
+  }
+}
 
 // Adds one partial into a norm state [value, non-finite flag] (CPU memory).
 inline void merge_into_norm_state(double* state, double partial, bool inf_norm) {
