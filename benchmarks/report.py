@@ -1,0 +1,143 @@
+"""Console table, target checks and markdown rendering - all from the result JSON, so a
+saved run can be re-rendered: `python -m benchmarks.report results.json > table.md`."""
+import json
+import sys
+
+TARGETS = {
+    "cpu": [
+        ("boundary (K=1) GPT-2 fp32 vs torch (a)", "speedup", 1.8,
+         dict(kind="cycle", workload="gpt2", K=1, dtype="float32", clip=True)),
+        ("full K=4 cycle GPT-2 fp32 vs torch (a)", "speedup", 1.25,
+         dict(kind="cycle", workload="gpt2", K=4, dtype="float32", clip=True)),
+        ("2000 tiny tensors (K=1) vs torch (a)", "speedup", 20.0,
+         dict(kind="cycle", workload="tiny2000", K=1, dtype="float32", clip=True)),
+        ("update pass (clipped_sgd_step_, largest sweep size) % of ceiling", "pct", 80.0,
+         dict(kind="op", workload="sweep", op="sgd_step", largest=True)),
+    ],
+    "cuda": [
+        ("boundary (K=1, 24 B/param) % of copy BW at >= 64M params (worst size)", "pct", 85.0,
+         dict(kind="cycle", workload="sweep", K=1, dtype="float32", clip=True, min_numel=64 << 20)),
+        ("boundary (K=1) GPT-2 fp32 vs torch (a)", "speedup", 1.3,
+         dict(kind="cycle", workload="gpt2", K=1, dtype="float32", clip=True)),
+        ("full K=4 cycle GPT-2 fp32 vs torch (a)", "speedup", 1.3,
+         dict(kind="cycle", workload="gpt2", K=4, dtype="float32", clip=True)),
+        ("2000 tiny tensors (K=1) vs torch (a)", "speedup", 5.0,
+         dict(kind="cycle", workload="tiny2000", K=1, dtype="float32", clip=True)),
+    ],
+}
+
+
+def _matches(row, sel):
+    for key in ("kind", "workload", "K", "dtype", "clip", "op"):
+        if key in sel and row.get(key) != sel[key]:
+            return False
+    if "min_numel" in sel and row["numel"] < sel["min_numel"]:
+        return False
+    return "error" not in row and "gradfuse" in row.get("results", {})
+
+
+def evaluate_targets(result):
+    out = []
+    rows = result["rows"]
+    for label, metric, threshold, sel in TARGETS[result["machine"]["device"]]:
+        hits = [r for r in rows if _matches(r, sel)]
+        if sel.get("largest") and hits:
+            hits = [max(hits, key=lambda r: r["numel"])]
+        values = [r["speedup"] if metric == "speedup" else r["results"]["gradfuse"]["pct_ceiling"] for r in hits]
+        values = [v for v in values if v is not None]
+        value = min(values) if values else None
+        out.append({"target": label, "metric": metric, "threshold": threshold, "value": value,
+                    "met": None if value is None else value >= threshold})
+    return out
+
+
+def _fmt_n(n):
+    return f"{n / (1 << 20):.0f}M" if n >= 1 << 20 else f"{n / 1e3:.0f}K"
+
+
+def table_rows(result):
+    """Rows of the headline table (list of lists of strings)."""
+    out = []
+    for r in result["rows"]:
+        label = r["workload"] if r["workload"] != "sweep" else f"sweep {_fmt_n(r['numel'])}"
+        what = r["kind"] if r["kind"] != "op" else f"op {r['op']}"
+        if r["kind"] != "op" and not r.get("clip", True):
+            what += " (no clip)"
+        if "error" in r:
+            out.append([label, what, str(r.get("K", "-")), r["dtype"].replace("float", "fp"), "error", r["error"][:60], "", "", "", ""])
+            continue
+        res = r["results"]
+        gf = res.get("gradfuse")
+        best = r.get("torch_best")
+        out.append([
+            label, what, str(r.get("K", "-")) if r["kind"] != "op" else "-", r["dtype"].replace("float", "fp"),
+            f"{gf['timing']['median_s'] * 1e3:.3f}" if gf else "-",
+            f"{res[best]['timing']['median_s'] * 1e3:.3f} ({best.replace('torch_', '')})" if best else "-",
+            f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
+            f"{gf['gbps']:.1f}" if gf else "-",
+            f"{gf['pct_ceiling']:.0f}%" if gf else "-",
+            f"{gf['timing']['iqr_s'] / gf['timing']['median_s'] * 100:.0f}%" if gf else "-",
+        ])
+    return out
+
+
+HEADER = ["workload", "case", "K", "dtype", "gradfuse ms", "torch-best ms", "speedup", "gradfuse GB/s",
+          "% ceiling", "IQR/med"]
+
+
+def render_text(result):
+    rows = table_rows(result)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEADER)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(HEADER, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.append("")
+    lines.append(_ceiling_line(result))
+    lines.append("Targets:")
+    for t in result.get("targets") or evaluate_targets(result):
+        lines.append("  " + _target_line(t))
+    return "\n".join(lines)
+
+
+def _ceiling_line(result):
+    c = result["ceiling"]
+    parts = [f"{k} {c[k]['gbps']:.1f} GB/s" for k in ("copy", "triad", "inplace_axpy") if k in c]
+    return (f"Ceiling ({c['size_bytes'] >> 20} MiB buffers): " + ", ".join(parts) +
+            f" -> ceiling {c['ceiling_gbps']:.1f} GB/s ({c['ceiling_kind']})")
+
+
+def _target_line(t):
+    if t["value"] is None:
+        return f"[n/a ] {t['target']}: not measured in this run (target >= {t['threshold']})"
+    unit = "x" if t["metric"] == "speedup" else "%"
+    return (f"[{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['value']:.2f}{unit} "
+            f"(target >= {t['threshold']}{unit})")
+
+
+def render_markdown(result):
+    m = result["machine"]
+    dev = m.get("gpu_name", m["cpu_model"])
+    lines = [f"# gradfuse benchmarks: {dev}", "",
+             f"- date: {m['date']}; device: {m['device']}; torch {m['torch']} (CUDA {m['torch_cuda']}); "
+             f"threads: {m['torch_threads']}; gradfuse {m['gradfuse']} @ {m['git_commit'][:10]}"
+             f"{' (dirty)' if m.get('git_dirty') else ''}",
+             f"- mode: {'quick' if result['config']['quick'] else 'full'}; wall time {result.get('wall_s', 0):.0f} s; "
+             f"LLC {m['llc_bytes'] >> 20} MiB" + (f"; driver {m['driver']}" if m.get("driver") else ""),
+             f"- {_ceiling_line(result)}",
+             "- speedup = torch-best median / gradfuse median; torch-best = faster of SGD(fused=True) and "
+             "SGD(foreach=True) (ops: the torch equivalent); GB/s = model bytes (benchmarks/bytes_model.py) / "
+             "median time; % ceiling against the ceiling above.",
+             "- cycle = all K micro-steps incl. the boundary; boundary = the last micro-step alone "
+             "(for K=1 the cycle is the boundary).", "",
+             "## Targets", ""]
+    for t in result.get("targets") or evaluate_targets(result):
+        lines.append(f"- {_target_line(t)}")
+    lines += ["", "## Results", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(render_markdown(json.load(f)))

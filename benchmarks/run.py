@@ -1,0 +1,187 @@
+"""Entry point: python -m benchmarks.run --device cpu|cuda [--quick] [--out DIR] [--only SUBSTR]
+[--cuda-graphs]. Prints the headline table, writes <out>/results.json (every raw timing,
+machine info), <out>/sweep.png and <out>/<machine-tag>.md; a full (non --quick) run with the
+default --out also writes benchmarks/results/<machine-tag>.md."""
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+from . import bytes_model, cases, report, workloads
+from .ceiling import measure_ceiling
+from .machine import machine_info, machine_tag
+from .plot import plot_sweep
+from .progress import Progress
+from .timing import last_level_cache_bytes, measure, rotation_sets
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CYCLE_IMPLS = ("gradfuse", "torch_fused", "torch_foreach")
+
+
+def build_plan(device, quick):
+    """List of case descriptions (dicts); order = run order."""
+    plan = []
+    sizes = workloads.sweep_sizes(device, quick)
+    for n in sizes:
+        plan.append(dict(kind="cycle", workload="sweep", numel=n, dtype="float32", K=1, clip=True))
+        if not quick:
+            plan.append(dict(kind="cycle", workload="sweep", numel=n, dtype="float32", K=4, clip=True))
+        for op in (("sgd_step",) if quick else cases.OPS):
+            if quick and n != sizes[-1]:
+                continue
+            plan.append(dict(kind="op", workload="sweep", numel=n, dtype="float32", op=op))
+    named = ("gpt2", "resnet50", "tiny2000")
+    for wl in named:
+        for dtype in ("float32", "bfloat16"):
+            if quick and (dtype != "float32"):
+                continue
+            for K in (1, 4):
+                if quick and wl == "resnet50" and K == 4:
+                    continue
+                plan.append(dict(kind="cycle", workload=wl, dtype=dtype, K=K, clip=True))
+                if K > 1 and not (quick and wl == "gpt2"):  # quick: keeps the 5-minute budget
+                    plan.append(dict(kind="boundary", workload=wl, dtype=dtype, K=K, clip=True))
+                if dtype == "float32" and not quick:
+                    plan.append(dict(kind="cycle", workload=wl, dtype=dtype, K=K, clip=False))
+        if not quick or wl == "tiny2000":
+            for op in cases.OPS:
+                plan.append(dict(kind="op", workload=wl, dtype="float32", op=op))
+    return plan
+
+
+def shapes_of(case):
+    if case["workload"] == "sweep":
+        return [(case["numel"],)]
+    return workloads.NAMED[case["workload"]]()
+
+
+def timing_config(device, quick):
+    if device == "cuda":
+        return dict(warmup=3, min_reps=10 if quick else 20, max_reps=300 if quick else 1000,
+                    target_s=0.3 if quick else 1.0)
+    return dict(warmup=1, min_reps=3 if quick else 5, max_reps=30 if quick else 200, target_s=0.3 if quick else 2.0)
+
+
+def run_case(case, device, llc, tcfg, cuda_graphs, ceiling_gbps):
+    shapes = shapes_of(case)
+    dtype = DTYPES[case["dtype"]]
+    n = workloads.total_params(shapes)
+    row = dict(case, numel=n, n_tensors=len(shapes))
+    budget = (3 << 30) if device == "cpu" else (16 << 30)
+    if case["kind"] == "op":
+        touch = n * 4 * 5
+        n_sets = max(1, min(rotation_sets(touch, llc), budget // (n * 4 * 9)))
+        benches, keep = cases.op_benches(case["op"], shapes, device, n_sets, cuda_graphs)
+        per_param = bytes_model.op_bytes_per_param(case["op"], dtype)
+    else:
+        K = case["K"]
+        touch = cases.footprint_bytes(shapes, dtype, K)
+        n_sets = max(1, min(rotation_sets(touch, llc), budget // cases.memory_per_set(shapes, dtype, K, 3)))
+        benches, keep = cases.cycle_benches(shapes, dtype, device, K, case["clip"], n_sets, CYCLE_IMPLS,
+                                            boundary_only=case["kind"] == "boundary")
+        per_param = (bytes_model.boundary_bytes_per_param(dtype, K) if case["kind"] == "boundary"
+                     else bytes_model.cycle_bytes_per_param(dtype, K))
+        row["torch_bytes"] = n * bytes_model.torch_cycle_bytes_per_param(dtype, K, case["clip"]) \
+            if case["kind"] == "cycle" else None
+    row["model_bytes"] = n * per_param
+    row["model_bytes_per_param"] = per_param
+    row["n_sets"] = n_sets
+    timings = measure(benches, device, **tcfg)
+    row["results"] = {}
+    for name, t in timings.items():
+        g = bytes_model.gbps(row["model_bytes"], t.median_s)
+        row["results"][name] = {"timing": t.to_dict(), "gbps": g, "pct_ceiling": 100 * g / ceiling_gbps}
+    torch_names = [k for k in row["results"] if k.startswith("torch") and "@" not in k]
+    if torch_names:
+        best = min(torch_names, key=lambda k: row["results"][k]["timing"]["median_s"])
+        row["torch_best"] = best
+        if "gradfuse" in row["results"]:
+            row["speedup"] = (row["results"][best]["timing"]["median_s"] /
+                              row["results"]["gradfuse"]["timing"]["median_s"])
+    del benches, keep
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="a subset that finishes in minutes")
+    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<machine-tag>/)")
+    parser.add_argument("--only", default=None, help="run only cases whose label contains this substring")
+    parser.add_argument("--cuda-graphs", action="store_true", help="also time the op cases by CUDA graph replay")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    device = args.device
+    info = machine_info(device)
+    tag = machine_tag(info)
+    out = args.out or os.path.join(HERE, "results", tag)
+    os.makedirs(out, exist_ok=True)
+    tcfg = timing_config(device, args.quick)
+    llc = last_level_cache_bytes(device)
+    plan = build_plan(device, args.quick)
+    if args.only:
+        plan = [c for c in plan if args.only in _label(c)]
+    progress = Progress(len(plan) + 1, enabled=not args.no_progress)
+    progress.step("ceiling")
+    # CPU: 256 MiB buffers, or 2x the LLC (up to 1 GiB) so the copy cannot run from cache.
+    ceiling_bytes = max(256 << 20, min(2 * llc, 1 << 30)) if device == "cpu" else (1 << 30)
+    ceiling = measure_ceiling(device, ceiling_bytes,
+                              target_s=tcfg["target_s"], min_reps=tcfg["min_reps"])
+    result = {"machine": info, "machine_tag": tag, "ceiling": ceiling, "rows": [],
+              "config": dict(quick=args.quick, timing=tcfg, cuda_graphs=args.cuda_graphs, llc_bytes=llc,
+                             lr=cases.LR, momentum=cases.MOMENTUM, max_norm=cases.MAX_NORM, argv=sys.argv)}
+    for case in plan:
+        progress.step(_label(case))
+        case_start = time.perf_counter()
+        try:
+            row = run_case(case, device, llc, tcfg, args.cuda_graphs, ceiling["ceiling_gbps"])
+        except Exception as error:  # keep going; the error is reported in the table and JSON
+            row = dict(case, numel=workloads.total_params(shapes_of(case)), error=f"{type(error).__name__}: {error}")
+        row["wall_s"] = time.perf_counter() - case_start  # incl. data generation and warm-up
+        result["rows"].append(row)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    progress.close()
+    result["targets"] = report.evaluate_targets(result)
+    result["wall_s"] = time.perf_counter() - started
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    try:
+        plot_sweep(result, os.path.join(out, "sweep.png"))
+    except Exception as error:  # matplotlib missing: the JSON still has everything
+        print(f"plot skipped: {error}", file=sys.stderr)
+    markdown = report.render_markdown(result)
+    with open(os.path.join(out, f"{tag}.md"), "w") as f:
+        f.write(markdown)
+    if not args.quick and args.out is None and not args.only:
+        with open(os.path.join(HERE, "results", f"{tag}.md"), "w") as f:
+            f.write(markdown)
+    print(report.render_text(result))
+    print(f"\nwrote {out}/results.json, sweep.png, {tag}.md  ({result['wall_s']:.0f} s)")
+
+
+def _label(case):
+    parts = [case["workload"]]
+    if "numel" in case:
+        parts.append(f"{case['numel'] >> 20}M")
+    parts.append(case["kind"] if case["kind"] != "op" else f"op:{case['op']}")
+    if "K" in case:
+        parts.append(f"K{case['K']}")
+    parts.append(case["dtype"])
+    if case.get("clip") is False:
+        parts.append("noclip")
+    return " ".join(parts)
+
+
+if __name__ == "__main__":
+    main()
