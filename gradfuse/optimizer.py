@@ -1,5 +1,6 @@
 """FusedAccumSGD: gradient accumulation + global-norm clipping + torch.optim.SGD in fused
 native passes, with the norm, clip factor and skip decision kept on the device."""
+from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
@@ -244,8 +245,10 @@ class FusedAccumSGD(Optimizer):
                 if b.device not in scales:
                     scales[b.device] = amp_scale.to(device=b.device, dtype=torch.float32)
                 scale = scales[b.device]
-            if scale is None and self._live[bi] == 0 and b.adopts and present == _ADOPT * (e - s):
-                # Adopt every gradient itself: no copy; 1/K is folded into the update pass.
+            # A gradient becomes the accumulator itself (no copy; 1/K is folded into the update)
+            # when no addition follows in its dtype: always at fp32/fp64, at the boundary for fp16/bf16.
+            adopts = scale is None and (b.adopts or boundary)
+            if adopts and self._live[bi] == 0 and present == _ADOPT * (e - s):
                 accs[s:e] = grads[s:e]
                 if keep_versions:
                     self._versions[s:e] = [g._version for g in grads[s:e]]
@@ -255,23 +258,23 @@ class FusedAccumSGD(Optimizer):
             elif self._live[bi] == e - s and _NONE not in present:
                 ops.accumulate_(accs[s:e], grads[s:e], 1.0, False, norm_state, self.norm_type, scale)
             else:
-                self._accumulate_mixed(bi, grads, codes, norm_state, scale)
+                self._accumulate_mixed(bi, grads, codes, norm_state, scale, adopts)
 
-    def _accumulate_mixed(self, bi, grads, codes, norm_state, amp_scale):
+    def _accumulate_mixed(self, bi, grads, codes, norm_state, amp_scale, adopts):
         """The general case of one bucket: some gradients missing, some accumulators new."""
         b, accs = self._buckets[bi], self._accs
-        fresh, adding, norm_only = [], [], []
+        fresh, adding, norm_only = [], [], defaultdict(list)  # norm_only by dtype: one op call each
         for k in range(b.start, b.stop):
             g, acc = grads[k], accs[k]
             if g is None:
                 if acc is not None:
-                    norm_only.append(acc)
+                    norm_only[acc.dtype].append(acc)
             elif acc is not None:
                 adding.append(k)
-            elif b.adopts and codes[k] == _ADOPT[0] and amp_scale is None:
+            elif adopts and codes[k] == _ADOPT[0]:
                 accs[k] = g
                 self._versions[k] = g._version
-                norm_only.append(g)
+                norm_only[g.dtype].append(g)
             else:
                 if self._owned[k] is None:  # kept across cycles: first=True overwrites it
                     self._owned[k] = torch.empty_like(self._sorted[k], dtype=b.acc_dtype)
@@ -282,8 +285,9 @@ class FusedAccumSGD(Optimizer):
             if slots:
                 ops.accumulate_([accs[k] for k in slots], [grads[k] for k in slots], 1.0, first, norm_state,
                                 self.norm_type, amp_scale)
-        if norm_state is not None and norm_only:
-            ops.accumulate_norm_(norm_state, norm_only, self.norm_type)
+        if norm_state is not None:
+            for tensors in norm_only.values():
+                ops.accumulate_norm_(norm_state, tensors, self.norm_type)
 
     def _total_norm(self):
         """0-dim float64 norm of A over all devices, counted as skipped when non-finite."""
@@ -310,27 +314,45 @@ class FusedAccumSGD(Optimizer):
             raise RuntimeError(f"FusedAccumSGD: the total gradient norm of this cycle is {total.item()}; the "
                                f"update was skipped (error_if_nonfinite=True)")
         norm_on = {total.device: total}
-        for bi, b in enumerate(self._buckets):
+        for bi in range(len(self._buckets)):
             if self._live[bi] == 0:
                 continue
-            if self._live[bi] == b.stop - b.start:
-                slots = range(b.start, b.stop)
-                params, accs = self._sorted[b.start:b.stop], self._accs[b.start:b.stop]
-            else:
-                slots = [k for k in range(b.start, b.stop) if self._accs[k] is not None]
-                params, accs = [self._sorted[k] for k in slots], [self._accs[k] for k in slots]
-            group = self.param_groups[b.group_index]
-            buffers, flags = self._momentum_state(bi, slots) if group["momentum"] != 0 else ([], [])
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor) and lr.device != b.device:
-                # A CPU lr is read on the host (no device sync); a lr on another GPU is copied over.
-                lr = lr.item() if lr.device.type == "cpu" else lr.to(b.device)
-            if b.device not in norm_on:
-                norm_on[b.device] = total.to(b.device)
-            ops.clipped_sgd_step_(params, accs, buffers, flags, norm_on[b.device], lr, group["weight_decay"],
-                                  group["momentum"], group["dampening"], group["nesterov"], group["maximize"],
-                                  1.0 / self.accumulation_steps, self.max_grad_norm, self._skips_nonfinite())
+            for slots in self._update_slots(bi):
+                self._update(bi, slots, total, norm_on)
         self._reset_cycle_state()
+
+    def _update_slots(self, bi):
+        """The bucket's slots to update, split so each op call sees one gradient dtype (a
+        fp16/bf16 bucket may mix float32 accumulators with gradients adopted at the boundary)."""
+        b, accs = self._buckets[bi], self._accs
+        if self._live[bi] == b.stop - b.start and b.adopts:
+            return [range(b.start, b.stop)]
+        split = defaultdict(list)
+        for k in range(b.start, b.stop):
+            if accs[k] is not None:
+                split[accs[k].dtype].append(k)
+        if len(split) == 1 and len(next(iter(split.values()))) == b.stop - b.start:
+            return [range(b.start, b.stop)]
+        return list(split.values())
+
+    def _update(self, bi, slots, total, norm_on):
+        """One clipped_sgd_step_ call over the given slots of bucket bi."""
+        b = self._buckets[bi]
+        if isinstance(slots, range):
+            params, accs = self._sorted[slots.start:slots.stop], self._accs[slots.start:slots.stop]
+        else:
+            params, accs = [self._sorted[k] for k in slots], [self._accs[k] for k in slots]
+        group = self.param_groups[b.group_index]
+        buffers, flags = self._momentum_state(bi, slots) if group["momentum"] != 0 else ([], [])
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.device != b.device:
+            # A CPU lr is read on the host (no device sync); a lr on another GPU is copied over.
+            lr = lr.item() if lr.device.type == "cpu" else lr.to(b.device)
+        if b.device not in norm_on:
+            norm_on[b.device] = total.to(b.device)
+        ops.clipped_sgd_step_(params, accs, buffers, flags, norm_on[b.device], lr, group["weight_decay"],
+                              group["momentum"], group["dampening"], group["nesterov"], group["maximize"],
+                              1.0 / self.accumulation_steps, self.max_grad_norm, self._skips_nonfinite())
 
     def _skips_nonfinite(self):
         """Whether this cycle skips on a non-finite norm: as configured, and always under AMP."""
