@@ -20,6 +20,7 @@ class _Bucket:
         self.start, self.stop = start, start + 1
         self.group_index, self.device, self.acc_dtype, self.adopts = group_index, device, acc_dtype, adopts
 
+
 # GradientCode values (csrc/tensor_checks.h) as the bytes GradientInspector.inspect returns.
 _NONE, _ADOPT, _RELAYOUT = b"\x00", b"\x01", b"\x03"
 
@@ -128,6 +129,7 @@ class FusedAccumSGD(Optimizer):
         """Re-aligns the per-slot state lists with a (possibly new) slot order."""
         old = getattr(self, "_slot_params", [])
         by_id = {id(p): k for k, p in enumerate(old)}
+
         def carry(values):
             return [values[by_id[id(p)]] if id(p) in by_id else None for p in self._sorted]
         self._accs = carry(getattr(self, "_accs", []))

@@ -10,7 +10,7 @@
 #include <algorithm>
 #include <cmath>
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -63,6 +63,23 @@ struct NormAccumulator {
   template <typename T>
   inline void add_block(const T* data, int64_t n) {
     int64_t i = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> && !kInfNorm) {
+      // One 8-float -> 8-double conversion per instruction: half the shuffle-port work of AVX2.
+      __m512d sum0 = _mm512_setzero_pd();
+      __m512d sum1 = _mm512_setzero_pd();
+      for (; i + 16 <= n; i += 16) {
+        const __m512d low = _mm512_cvtps_pd(_mm256_loadu_ps(data + i));
+        const __m512d high = _mm512_cvtps_pd(_mm256_loadu_ps(data + i + 8));
+        sum0 = _mm512_add_pd(sum0, _mm512_mul_pd(low, low));
+        sum1 = _mm512_add_pd(sum1, _mm512_mul_pd(high, high));
+      }
+      acc[0] = acc[0] + DoubleVec(_mm512_castpd512_pd256(sum0));
+      acc[1] = acc[1] + DoubleVec(_mm512_extractf64x4_pd(sum0, 1));
+      acc[2] = acc[2] + DoubleVec(_mm512_castpd512_pd256(sum1));
+      acc[3] = acc[3] + DoubleVec(_mm512_extractf64x4_pd(sum1, 1));
+    }
+#endif
     for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
       if constexpr (std::is_same_v<T, double>) {
         acc[0] = combine(acc[0], DoubleVec::loadu(data + i));
