@@ -1,7 +1,8 @@
 """gradfuse vs torch implementations of each benchmarked case, as timing.Bench objects.
 
 Cycle / boundary cases (one K-micro-batch optimizer cycle on a list of parameter shapes):
-  gradfuse        FusedAccumSGD(accumulation_steps=K, max_grad_norm=1.0 | None); each
+  gradfuse        FusedAccumSGD(accumulation_steps=K, max_grad_norm=1.0 | None, skip_nonfinite=clip),
+                  so the unclipped case, like torch's, runs no norm pass; each
                   micro-step assigns p.grad = a pre-generated random gradient (simulating
                   autograd) and calls step(); the first micro-batch's gradient is adopted
                   as the accumulator and modified in place, so an untimed setup restores it
@@ -69,8 +70,9 @@ def cycle_benches(shapes, dtype, device, K, clip, n_sets, impls, boundary_only=F
         gf_states = []  # (distinct name: the closures below bind late)
         for _ in range(n_sets):
             params = make_params(shapes, dtype, device)
+            # Without clipping the baseline checks nothing, so neither does gradfuse (no norm pass).
             opt = gradfuse.FusedAccumSGD(params, lr=LR, momentum=MOMENTUM, accumulation_steps=K,
-                                         max_grad_norm=max_norm)
+                                         max_grad_norm=max_norm, skip_nonfinite=clip)
             gf_states.append((params, opt))
 
         def gf_micro(i, k):

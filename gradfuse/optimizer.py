@@ -58,6 +58,7 @@ class FusedAccumSGD(Optimizer):
         hp.check_group(defaults)
         self._reset_cycle_state()
         self._norm_states: Dict[torch.device, torch.Tensor] = {}
+        self._unused_norm: Dict[torch.device, torch.Tensor] = {}  # stands in when no norm is needed
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._skipped_steps: Optional[torch.Tensor] = None
         super().__init__(params, defaults)
@@ -237,10 +238,11 @@ class FusedAccumSGD(Optimizer):
         """Adds this micro-batch into the accumulators, one op call per bucket in the common
         cases; on the last micro-batch the same pass feeds the global norm."""
         accs, keep_versions = self._accs, not boundary
+        with_norm = boundary and self._needs_norm()
         scales = {}
         for bi, b in enumerate(self._buckets):
             s, e = b.start, b.stop
-            norm_state = self._norm_state(b.device) if boundary else None
+            norm_state = self._norm_state(b.device) if with_norm else None
             present = codes[s:e]
             scale = None
             if amp_scale is not None:  # scaled gradients must pass through a kernel: no adoption
@@ -255,7 +257,7 @@ class FusedAccumSGD(Optimizer):
                 if keep_versions:
                     self._versions[s:e] = [g._version for g in grads[s:e]]
                 self._live[bi] = e - s
-                if boundary:
+                if norm_state is not None:
                     ops.accumulate_norm_(norm_state, grads[s:e], self.norm_type)
             elif self._live[bi] == e - s and _NONE not in present:
                 ops.accumulate_(accs[s:e], grads[s:e], 1.0, False, norm_state, self.norm_type, scale)
@@ -308,9 +310,19 @@ class FusedAccumSGD(Optimizer):
                 other.zero_()
         return ops.finalize_norm_(state, self.skipped_steps, self.norm_type, scale, count)
 
+    def _needs_norm(self):
+        """The norm pass runs only when something uses it: clipping, skipping or raising."""
+        return self.max_grad_norm is not None or self._skips_nonfinite() or self.error_if_nonfinite
+
     def _finish_cycle(self):
-        total = self._total_norm()
-        self.last_grad_norm = total
+        if self._needs_norm():
+            total = self.last_grad_norm = self._total_norm()
+        else:  # plain accumulation + SGD: no norm pass; the update reads a constant 0 norm
+            self.last_grad_norm = None
+            device = self._primary_device()
+            if device not in self._unused_norm:
+                self._unused_norm[device] = torch.zeros((), dtype=torch.float64, device=device)
+            total = self._unused_norm[device]
         if self.error_if_nonfinite and not bool(torch.isfinite(total)):  # documented host sync
             self._reset_cycle_state()
             raise RuntimeError(f"FusedAccumSGD: the total gradient norm of this cycle is {total.item()}; the "

@@ -220,6 +220,25 @@ def test_matches_torch_sgd_with_manual_accumulation(device, dtype, k, max_norm, 
         assert any(float(n) > max_norm for n in expected[0]), "clipping was meant to be active"
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_plain_accumulation_runs_no_norm_pass(device, k):
+    """No clipping and no non-finite handling: torch.optim.SGD + accumulation exactly, no norm."""
+    data = batches(11, 3 * k, F32, device)
+    config = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+    _, expected = torch_reference_run(make_model(5, F32, device), data, k, config, None, 2.0)
+    model = make_model(5, F32, device)
+    opt = FusedAccumSGD(model.parameters(), accumulation_steps=k, skip_nonfinite=False, **config)
+    for c in range(3):
+        for x, y in data[c * k:(c + 1) * k]:
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        assert opt.last_grad_norm is None  # nothing consumed a norm, so none was computed
+        for i, (a, b) in enumerate(zip(model.parameters(), expected[c])):
+            assert_close(a, b.double(), F32, f"cycle {c}: param {i}")
+    assert opt._norm_states == {}, "a norm accumulator was used although nothing needed it"
+
+
 @pytest.mark.parametrize("make_scheduler", [
     lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
     lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / (1 + epoch)),
