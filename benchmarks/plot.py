@@ -25,11 +25,12 @@ def plot_sweep(result, path):
                 ax.plot(xs, ys, linestyle=line, marker=marker, color=color, label=f"{impl} {label}",
                         alpha=0.95 if impl == "gradfuse" else 0.6)
     c = result["ceiling"]
-    colors = {"copy": "k", "triad": "grey"}
-    for k in ("copy", "triad"):
-        if k in c:
-            ax.axhline(c[k]["gbps"], color=colors[k], linestyle="-." if k == "triad" else "-", linewidth=1,
-                       label=f"measured {k} ceiling {c[k]['gbps']:.1f} GB/s")
+    styles = {"copy": ("k", ":"), "triad": ("grey", "-."), "inplace_axpy": ("k", "-")}
+    for k, (color, line) in styles.items():
+        if k in c:  # the solid line is the ceiling the % column uses when it is the in-place one
+            used = " (the ceiling used)" if k == c.get("ceiling_kind") else ""
+            ax.axhline(c[k]["gbps"], color=color, linestyle=line, linewidth=1,
+                       label=f"measured {k} ceiling {c[k]['gbps']:.1f} GB/s{used}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("parameters (one tensor, fp32)")
     ax.set_ylabel("achieved GB/s (model bytes / median time)")

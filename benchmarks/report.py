@@ -1,6 +1,7 @@
 """Console table, target checks and markdown rendering - all from the result JSON, so a
 saved run can be re-rendered: `python -m benchmarks.report results.json > table.md`."""
 import json
+import os
 import sys
 
 TARGETS = {
@@ -135,6 +136,10 @@ def render_markdown(result):
     lines += ["", "## Results", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
     lines.append("")
+    notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "target_notes", f"{m['device']}.md")
+    if os.path.exists(notes):  # the hand-written analysis of missed targets for this device type
+        with open(notes) as handle:
+            lines += [handle.read()]
     return "\n".join(lines)
 
 

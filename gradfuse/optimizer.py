@@ -178,7 +178,9 @@ class FusedAccumSGD(Optimizer):
         self._live = [0] * len(getattr(self, "_buckets", []))  # accumulators alive per bucket
 
     def _check_adopted_untouched(self):
-        if self._micro_step == 0:  # adopted gradients only outlive a step inside a cycle
+        """Before the update: no adopted gradient was changed in place by anyone but us (checked
+        once per cycle, at its last micro-batch, which is before any parameter changes)."""
+        if self._micro_step == 0 or self._micro_step + 1 != self.accumulation_steps:
             return
         for k, version in enumerate(self._versions):
             if version is not None and self._accs[k]._version != version:

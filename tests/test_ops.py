@@ -442,3 +442,44 @@ def test_cuda_matches_cpu(gen, norm_type):
     for a, b in zip(accs_cpu, accs_cuda):
         assert_close(b, a.double(), F32, "CUDA accumulate_ vs CPU")
     assert_scalar_close(state_cuda[0], float(state_cpu[0]), F32, "CUDA norm state vs CPU")
+
+
+# ------------------------------------------------------------------ misaligned views
+def misaligned(n, dtype, device, gen, offset):
+    """A 1-d view starting `offset` elements into its storage: its data pointer is not 16-byte
+    aligned (forces the scalar paths; the vector paths must not be taken by mistake)."""
+    return randn((n + offset,), dtype, device, gen)[offset:]
+
+
+@pytest.mark.parametrize("offset", [1, 3])
+@pytest.mark.parametrize("pair", ACC_PAIRS, ids=pair_id)
+def test_every_op_on_misaligned_views(device, gen, pair, offset):
+    acc_dtype, grad_dtype = pair
+    sizes = [1, 7, 33, 1025, 16390]  # odd lengths, one crossing a 16384-element chunk
+    accs = [misaligned(n, acc_dtype, device, gen, offset) for n in sizes]
+    grads = [misaligned(n, grad_dtype, device, gen, offset) for n in sizes]
+    assert all(a.data_ptr() % 16 != 0 for a in accs)
+    old = [a.clone() for a in accs]
+    state = norm_state(device)
+    ops.accumulate_(accs, grads, 0.5, False, state, 2.0)
+    expected = ref.accumulate(old, grads, 0.5, False, acc_dtype)
+    for i, (a, e) in enumerate(zip(accs, expected)):
+        assert_close(a, e, acc_dtype, f"accs[{i}]")
+    assert_scalar_close(state[0], ref.norm_partial(expected, 2.0)[0], acc_dtype, "sum of squares")
+    assert_scalar_close(ops.global_norm(grads, INF), ref.total_norm(grads, INF), grad_dtype, "inf-norm")
+    param_dtype = grad_dtype
+    params = [misaligned(n, param_dtype, device, gen, offset) for n in sizes]
+    bufs = [misaligned(n, param_dtype, device, gen, offset) for n in sizes]
+    flags = [torch.ones((), dtype=torch.bool, device=device) for _ in sizes]
+    old_params, old_bufs = [p.clone() for p in params], [b.clone() for b in bufs]
+    total = torch.tensor(3.0, dtype=F64, device=device)
+    ops.clipped_sgd_step_(params, grads, bufs, flags, total, 0.1, weight_decay=0.01, momentum=0.9,
+                          nesterov=True, grad_scale=0.5, max_norm=1.0)
+    want_p, want_b, _ = ref.clipped_sgd_step(old_params, grads, old_bufs, [True] * len(sizes), 3.0, lr=0.1,
+                                             weight_decay=0.01, momentum=0.9, dampening=0.0, nesterov=True,
+                                             maximize=False, grad_scale=0.5, max_norm=1.0, skip_nonfinite=True,
+                                             dtype=param_dtype)
+    for i, (p, e) in enumerate(zip(params, want_p)):
+        assert_close(p, e, param_dtype, f"params[{i}]")
+    for i, (b, e) in enumerate(zip(bufs, want_b)):
+        assert_close(b, e, param_dtype, f"momentum_buffers[{i}]")

@@ -468,3 +468,21 @@ def test_bad_group_hyperparameter_rejected_in_add_param_group():
 
 def test_norm_type_inf_string_accepted():
     assert FusedAccumSGD([torch.zeros(3)], norm_type="inf").norm_type == math.inf
+
+
+def test_adopted_gradient_zeroed_in_place_is_reported_before_the_update(device):
+    """module.zero_grad(set_to_none=False) would zero the gradient FusedAccumSGD adopted as its
+    accumulator: the last micro-step must say so and leave the parameters alone."""
+    model = make_model(9, F32, device)
+    opt = FusedAccumSGD(model.parameters(), lr=0.1, momentum=0.9, accumulation_steps=3)
+    data = batches(9, 3, F32, device)
+    for i, (x, y) in enumerate(data):
+        nn.functional.mse_loss(model(x), y).backward()
+        if i == 2:
+            before = [p.detach().clone() for p in model.parameters()]
+            with pytest.raises(RuntimeError, match="modified in place after step"):
+                opt.step()
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        else:
+            opt.step()
+            model.zero_grad(set_to_none=False)  # zeroes the adopted tensors in place
