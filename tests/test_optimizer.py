@@ -141,6 +141,19 @@ def batches(seed, n, dtype, device):
     return [(randn((5, 6), dtype, device, gen), randn((5, 3), dtype, device, gen)) for _ in range(n)]
 
 
+def mean_gradients_into_grad(model, sgd, micro_batches):
+    """Manual accumulation: p.grad = the mean of the micro-batches' gradients."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for x, y in micro_batches:
+        sgd.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        for t, p in zip(total, params):
+            t.add_(p.grad)
+    for t, p in zip(total, params):
+        p.grad = t / len(micro_batches)
+
+
 def torch_reference_run(model, data, k, sgd_kwargs, max_norm, norm_type, scheduler=None):
     """torch.optim.SGD + manual accumulation (sum of grads / K) + clip_grad_norm_."""
     sgd = torch.optim.SGD(model.parameters(), **sgd_kwargs)
@@ -148,14 +161,7 @@ def torch_reference_run(model, data, k, sgd_kwargs, max_norm, norm_type, schedul
     params = list(model.parameters())
     norms, history = [], []
     for c in range(len(data) // k):
-        total = [torch.zeros_like(p) for p in params]
-        for x, y in data[c * k:(c + 1) * k]:
-            sgd.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            for t, p in zip(total, params):
-                t.add_(p.grad)
-        for t, p in zip(total, params):
-            p.grad = t / k
+        mean_gradients_into_grad(model, sgd, data[c * k:(c + 1) * k])
         norms.append(nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf, norm_type))
         sgd.step()
         if sched:
@@ -413,18 +419,10 @@ def fused_run_continue(model, opt, data):
 
 
 def torch_continue(model, sgd, data, k):
-    params = list(model.parameters())
     for c in range(len(data) // k):
-        total = [torch.zeros_like(p) for p in params]
-        for x, y in data[c * k:(c + 1) * k]:
-            sgd.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            for t, p in zip(total, params):
-                t.add_(p.grad)
-        for t, p in zip(total, params):
-            p.grad = t / k
+        mean_gradients_into_grad(model, sgd, data[c * k:(c + 1) * k])
         sgd.step()
-    return [p.detach().clone() for p in params]
+    return [p.detach().clone() for p in model.parameters()]
 
 
 # ------------------------------------------------------------------ hyperparameter validation
