@@ -12,7 +12,11 @@ fi
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
 python -m pip install -q torch ninja pybind11 pytest hypothesis numpy matplotlib setuptools wheel
-# CI only compiles the CUDA sources (no GPU): one arch keeps the build short.
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 20
+built=$(ls gradfuse/_C*.so 2>/dev/null | head -n 1 || true)
+# Rebuild only when the extension is missing or a native source / setup.py is newer than it.
+if [ -z "$built" ] || [ -n "$(find csrc setup.py -newer "$built" 2>/dev/null | head -n 1)" ] \
+    || ! python -c "import gradfuse" 2>/dev/null; then
+  python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 20
+fi
 python -c "import gradfuse; print('gradfuse built; CUDA kernels compiled:', gradfuse.cuda_compiled)"
