@@ -14,11 +14,13 @@ _SGD_STATE_KEYS = {"momentum_buffer"}
 
 def export_state(opt, state_dict):
     """Rewrites Optimizer.state_dict()'s output into SGD's layout and adds the cycle state."""
+    states = {index: dict(state) for index, state in state_dict["state"].items()}  # unshare with opt.state
+    flags = {index: state.pop("momentum_initialized") for index, state in states.items()
+             if "momentum_initialized" in state}
+    written = _read_flags(flags)
     packed = {}
-    for index, state in state_dict["state"].items():
-        state = dict(state)  # Optimizer.state_dict shares these dicts with opt.state
-        initialized = state.pop("momentum_initialized", None)
-        if initialized is not None and not bool(initialized):  # never written: SGD would have no buffer
+    for index, state in states.items():
+        if not written.get(index, True):  # never written: torch.optim.SGD would have no buffer
             state.pop("momentum_buffer", None)
         if state:
             packed[index] = state
@@ -32,6 +34,18 @@ def export_state(opt, state_dict):
         "last_grad_norm": None if opt.last_grad_norm is None else opt.last_grad_norm.clone(),
     }
     return state_dict
+
+
+def _read_flags(flags):
+    """{index: bool} from 0-dim device flags, with one host transfer per device (not one each)."""
+    by_device = {}
+    for index, flag in flags.items():
+        by_device.setdefault(flag.device, []).append(index)
+    values = {}
+    for indices in by_device.values():
+        for index, value in zip(indices, torch.stack([flags[i] for i in indices]).tolist()):
+            values[index] = bool(value)
+    return values
 
 
 def _fail(message):
