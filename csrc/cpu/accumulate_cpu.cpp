@@ -8,7 +8,6 @@
 #include "vec_io.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
 
 namespace gradfuse::cpu {
 namespace {
