@@ -15,7 +15,9 @@ namespace {
 
 template <typename param_t, typename grad_t>
 void sgd_segment(param_t* param, const grad_t* grad, param_t* buffer, int64_t n,
-                 const SgdScalars<at::opmath_type<param_t>>& s, bool buffer_initialized) {
+                 // By value: the stores below may alias a referenced struct, forcing a reload of
+                 // every scalar (and of the momentum switch) in each iteration.
+                 const SgdScalars<at::opmath_type<param_t>> s, bool buffer_initialized) {
   using math_t = at::opmath_type<param_t>;
   using Vec = at::vec::Vectorized<math_t>;
   int64_t i = 0;
