@@ -24,7 +24,7 @@ def _non_negative(name, value, label):
     return number
 
 
-def _flag(name, value):
+def check_flag(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
@@ -56,8 +56,8 @@ def check_group(group, check_tensor_lr=True):
     dampening = _real_number("dampening", group["dampening"])
     if not math.isfinite(dampening):
         raise ValueError(f"Invalid dampening value: {group['dampening']}")
-    nesterov = _flag("nesterov", group["nesterov"])
-    _flag("maximize", group["maximize"])
+    nesterov = check_flag("nesterov", group["nesterov"])
+    check_flag("maximize", group["maximize"])
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 

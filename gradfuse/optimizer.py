@@ -50,8 +50,8 @@ class FusedAccumSGD(Optimizer):
         self.accumulation_steps = hp.check_accumulation_steps(accumulation_steps)
         self.max_grad_norm = hp.check_max_grad_norm(max_grad_norm)
         self.norm_type = hp.check_norm_type(norm_type)
-        self.skip_nonfinite = hp._flag("skip_nonfinite", skip_nonfinite)
-        self.error_if_nonfinite = hp._flag("error_if_nonfinite", error_if_nonfinite)
+        self.skip_nonfinite = hp.check_flag("skip_nonfinite", skip_nonfinite)
+        self.error_if_nonfinite = hp.check_flag("error_if_nonfinite", error_if_nonfinite)
         self.accum_dtype = hp.check_accum_dtype(accum_dtype)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
