@@ -12,6 +12,11 @@ constexpr const char* kNormOp = "gradfuse::accumulate_norm_";
 constexpr const char* kFinalizeOp = "gradfuse::finalize_norm_";
 constexpr const char* kStepOp = "gradfuse::clipped_sgd_step_";
 
+// The one dtype pairing the kernels support: equal dtypes, or float32 `wide` for a half `narrow`.
+bool same_or_float32_over_half(at::ScalarType wide, at::ScalarType narrow) {
+  return wide == narrow || (wide == at::kFloat && at::isReducedFloatingType(narrow));
+}
+
 }  // namespace
 
 at::Device call_device(at::TensorList list, const at::Tensor& fallback) {
@@ -39,7 +44,7 @@ void check_accumulate_inputs(at::TensorList accs, at::TensorList grads, const st
   if (!accs.empty()) {
     const at::ScalarType a = accs[0].scalar_type();
     const at::ScalarType g = grads[0].scalar_type();
-    TORCH_CHECK_TYPE(a == g || (a == at::kFloat && at::isReducedFloatingType(g)), kAccumulateOp,
+    TORCH_CHECK_TYPE(same_or_float32_over_half(a, g), kAccumulateOp,
                      ": accumulators of dtype ", a, " cannot take gradients of dtype ", g,
                      "; use the gradient dtype, or float32 for float16/bfloat16 gradients");
   }
@@ -96,7 +101,7 @@ void check_step_inputs(at::TensorList params, at::TensorList grads, at::TensorLi
   if (!params.empty()) {
     const at::ScalarType p = params[0].scalar_type();
     const at::ScalarType g = grads[0].scalar_type();
-    TORCH_CHECK_TYPE(g == p || (g == at::kFloat && at::isReducedFloatingType(p)), kStepOp,
+    TORCH_CHECK_TYPE(same_or_float32_over_half(g, p), kStepOp,
                      ": gradients of dtype ", g, " cannot update parameters of dtype ", p,
                      "; use the parameter dtype, or float32 for float16/bfloat16 parameters");
   }
