@@ -66,18 +66,21 @@ struct NormAccumulator {
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<T, float> && !kInfNorm) {
       // One 8-float -> 8-double conversion per instruction: half the shuffle-port work of AVX2.
+      // Full-mask maskz forms: the plain ones pass GCC an undefined vector it warns about.
+      constexpr __mmask8 kAll8 = 0xFF;
+      constexpr __mmask8 kAll4 = 0x0F;
       __m512d sum0 = _mm512_setzero_pd();
       __m512d sum1 = _mm512_setzero_pd();
       for (; i + 16 <= n; i += 16) {
-        const __m512d low = _mm512_cvtps_pd(_mm256_loadu_ps(data + i));
-        const __m512d high = _mm512_cvtps_pd(_mm256_loadu_ps(data + i + 8));
+        const __m512d low = _mm512_maskz_cvtps_pd(kAll8, _mm256_loadu_ps(data + i));
+        const __m512d high = _mm512_maskz_cvtps_pd(kAll8, _mm256_loadu_ps(data + i + 8));
         sum0 = _mm512_add_pd(sum0, _mm512_mul_pd(low, low));
         sum1 = _mm512_add_pd(sum1, _mm512_mul_pd(high, high));
       }
-      acc[0] = acc[0] + DoubleVec(_mm512_castpd512_pd256(sum0));
-      acc[1] = acc[1] + DoubleVec(_mm512_extractf64x4_pd(sum0, 1));
-      acc[2] = acc[2] + DoubleVec(_mm512_castpd512_pd256(sum1));
-      acc[3] = acc[3] + DoubleVec(_mm512_extractf64x4_pd(sum1, 1));
+      acc[0] = acc[0] + DoubleVec(_mm512_maskz_extractf64x4_pd(kAll4, sum0, 0));
+      acc[1] = acc[1] + DoubleVec(_mm512_maskz_extractf64x4_pd(kAll4, sum0, 1));
+      acc[2] = acc[2] + DoubleVec(_mm512_maskz_extractf64x4_pd(kAll4, sum1, 0));
+      acc[3] = acc[3] + DoubleVec(_mm512_maskz_extractf64x4_pd(kAll4, sum1, 1));
     }
 #endif
     for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
