@@ -1,5 +1,6 @@
 // The gradfuse._C Python module: loading it registers the ops; it also exposes the
 // native gradient inspection the optimizer runs before touching any state.
+#include "launch_plan_python.h"
 #include "tensor_checks.h"
 
 #include <torch/extension.h>
@@ -64,6 +65,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
       .def("inspect", &GradientInspector::inspect, py::arg("grads"),
            "(index of the first unusable gradient or -1, reason, bytes of one GradientCode per parameter)");
+  gradfuse::bind_launch_plan(m);
 #ifdef GRADFUSE_WITH_CUDA
   m.attr("cuda_compiled") = true;
 #else

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "cuda_device.h"
+#include "launch_plan.h"
 #include "vector_io.cuh"
 
 #include <ATen/core/Tensor.h>
@@ -13,7 +14,6 @@
 
 #include <array>
 #include <atomic>
-#include <climits>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -26,38 +26,16 @@ constexpr int kWarps = kBlockThreads / 32;
 // whose half/bfloat16 conversions would otherwise cost occupancy.
 template <int W>
 constexpr int kIlp = W >= 8 ? 2 : 4;
-// Work-balancing granularity; every tensor starts on a unit, so unit offsets are pack aligned.
-constexpr int64_t kUnitElements = 1024;
-// CUDA 12.1+ accepts this many bytes of kernel parameters on sm_70 and newer.
-constexpr int kMaxParamBytes = 32764;
-// Kept free for the op's own parameters (scalars and pointers) next to the table.
-constexpr int kOpParamBytes = 256;
 
 // Kernel parameter table of one launch: kDepth pointer lists (list 0 gives the sizes).
 template <int kDepth>
 struct TensorTable {
-  static constexpr int kCapacity = (kMaxParamBytes - kOpParamBytes - 16) / (8 * kDepth + 8 + 4) - 1;
+  static constexpr int kCapacity = table_capacity(kDepth);
   void* ptrs[kDepth][kCapacity];
   int64_t numel[kCapacity];
   int32_t unit_begin[kCapacity + 1];  // prefix sum of ceil(numel / kUnitElements)
   int32_t num_tensors;
 };
-
-// Index t of the tensor whose units [unit_begin[t], unit_begin[t + 1]) hold unit.
-template <int kDepth>
-__device__ __forceinline__ int find_tensor(const TensorTable<kDepth>& table, int32_t unit) {
-  int lo = 0;
-  int hi = table.num_tensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table.unit_begin[mid] <= unit) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
 
 // Op interface: bool begin_block() (false: the block has nothing to do), segment(table, t,
 // begin, n) for elements [begin, begin + n) of tensor t, end_block() (block-wide, e.g. a reduction).
@@ -67,17 +45,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (!op.begin_block()) {
     return;
   }
-  // Contiguous, equal unit ranges per block: balanced and fixed for given sizes (deterministic).
-  const int64_t units = table.unit_begin[table.num_tensors];
-  const int32_t lo = static_cast<int32_t>(units * blockIdx.x / gridDim.x);
-  const int32_t hi = static_cast<int32_t>(units * (blockIdx.x + 1) / gridDim.x);
-  for (int t = find_tensor(table, lo); t < table.num_tensors && table.unit_begin[t] < hi; ++t) {
-    const int32_t first = table.unit_begin[t];
-    const int64_t begin = static_cast<int64_t>(lo > first ? lo - first : 0) * kUnitElements;
-    const int64_t end = static_cast<int64_t>(hi - first) * kUnitElements;
-    const int64_t stop = end < table.numel[t] ? end : table.numel[t];
-    op.segment(table, t, begin, stop - begin);
-  }
+  for_each_segment(table.unit_begin, table.numel, table.num_tensors, blockIdx.x, gridDim.x,
+                   [&](int t, int64_t begin, int64_t n) { op.segment(table, t, begin, n); });
   op.end_block();
 }
 
@@ -144,33 +113,16 @@ class MultiTensorLaunch {
   // written[d]: list d is modified (its pointers are taken as mutable).
   MultiTensorLaunch(const std::array<at::TensorList, kDepth>& lists, const std::array<bool, kDepth>& written,
                     int device)
-      : lists_(lists), written_(written) {
+      : lists_(lists), written_(written), numels_(lists[0].size()) {
+    for (size_t i = 0; i < numels_.size(); ++i) {
+      numels_[i] = lists[0][i].numel();
+    }
     const int64_t resident = static_cast<int64_t>(multiprocessor_count(device)) *
                              resident_blocks_per_sm<kDepth, Op>(device);
-    Group group;
-    auto close_group = [&] {
-      if (group.tensors.empty()) {
-        return;
-      }
-      group.grid = static_cast<int>(group.units < resident ? group.units : resident);
+    groups_ = plan_launches(numels_, Table::kCapacity, resident);
+    for (const LaunchGroup& group : groups_) {
       total_blocks_ += group.grid;
-      groups_.push_back(std::move(group));
-      group = Group();
-    };
-    for (size_t i = 0; i < lists[0].size(); ++i) {
-      const int64_t numel = lists[0][i].numel();
-      if (numel == 0) {
-        continue;
-      }
-      const int64_t units = (numel + kUnitElements - 1) / kUnitElements;
-      TORCH_CHECK(units < INT32_MAX, "gradfuse: tensor ", i, " is too large (", numel, " elements)");
-      if (static_cast<int>(group.tensors.size()) == Table::kCapacity || group.units + units > INT32_MAX) {
-        close_group();
-      }
-      group.tensors.push_back(static_cast<int64_t>(i));
-      group.units += units;
     }
-    close_group();
   }
 
   // Blocks over all launches: one norm partial slot each.
@@ -181,20 +133,14 @@ class MultiTensorLaunch {
   void launch(cudaStream_t stream, const MakeOp& make_op) const {
     auto table = std::make_unique<Table>();  // 32KB: kept off the host stack
     int64_t first_block = 0;
-    for (const Group& group : groups_) {
-      int32_t units = 0;
+    for (const LaunchGroup& group : groups_) {
       for (size_t slot = 0; slot < group.tensors.size(); ++slot) {
-        const int64_t i = group.tensors[slot];
         for (int d = 0; d < kDepth; ++d) {
-          const at::Tensor& t = lists_[d][i];
+          const at::Tensor& t = lists_[d][group.tensors[slot]];
           table->ptrs[d][slot] = written_[d] ? t.mutable_data_ptr() : const_cast<void*>(t.const_data_ptr());
         }
-        const int64_t numel = lists_[0][i].numel();
-        table->numel[slot] = numel;
-        table->unit_begin[slot] = units;
-        units += static_cast<int32_t>((numel + kUnitElements - 1) / kUnitElements);
       }
-      table->unit_begin[group.tensors.size()] = units;
+      fill_table_sizes(group, numels_, table->numel, table->unit_begin);
       table->num_tensors = static_cast<int32_t>(group.tensors.size());
       multi_tensor_kernel<kDepth, Op><<<group.grid, kBlockThreads, 0, stream>>>(*table, make_op(first_block));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -203,14 +149,10 @@ class MultiTensorLaunch {
   }
 
  private:
-  struct Group {
-    std::vector<int64_t> tensors;
-    int64_t units = 0;
-    int grid = 0;
-  };
   std::array<at::TensorList, kDepth> lists_;
   std::array<bool, kDepth> written_;
-  std::vector<Group> groups_;
+  std::vector<int64_t> numels_;
+  std::vector<LaunchGroup> groups_;
   int64_t total_blocks_ = 0;
 };
 

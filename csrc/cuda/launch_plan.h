@@ -1,0 +1,111 @@
+// How the multi-tensor launcher splits a tensor list: into launches (parameter tables) and,
+// inside a launch, into per-block element segments. Plain C++ shared by the kernels and a host
+// binding, so the split is tested on machines without a GPU.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <climits>
+#include <cstdint>
+#include <vector>
+
+namespace gradfuse::cuda {
+
+// Work-balancing granularity; every tensor starts on a unit, so unit offsets are pack aligned.
+constexpr int64_t kUnitElements = 1024;
+// CUDA 12.1+ accepts this many bytes of kernel parameters on sm_70 and newer.
+constexpr int kMaxParamBytes = 32764;
+// Kept free for the op's own parameters (scalars and pointers) next to the table.
+constexpr int kOpParamBytes = 256;
+
+// Tensors one launch's table holds: per tensor depth pointers, a size and a unit offset.
+constexpr int table_capacity(int depth) {
+  return (kMaxParamBytes - kOpParamBytes - 16) / (8 * depth + 8 + 4) - 1;
+}
+
+C10_HOST_DEVICE inline int64_t units_of(int64_t numel) {
+  return (numel + kUnitElements - 1) / kUnitElements;
+}
+
+// Index t of the tensor whose units [unit_begin[t], unit_begin[t + 1]) hold unit.
+C10_HOST_DEVICE inline int find_tensor(const int32_t* unit_begin, int num_tensors, int32_t unit) {
+  int lo = 0;
+  int hi = num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (unit_begin[mid] <= unit) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Calls segment(t, begin, count) for the elements of block `block` (of `grid`): a contiguous,
+// equal share of the launch's units (balanced, and fixed for given sizes: deterministic).
+template <typename Segment>
+C10_HOST_DEVICE inline void for_each_segment(const int32_t* unit_begin, const int64_t* numel, int num_tensors,
+                                             int64_t block, int64_t grid, const Segment& segment) {
+  const int64_t units = unit_begin[num_tensors];
+  const int32_t lo = static_cast<int32_t>(units * block / grid);
+  const int32_t hi = static_cast<int32_t>(units * (block + 1) / grid);
+  for (int t = find_tensor(unit_begin, num_tensors, lo); t < num_tensors && unit_begin[t] < hi; ++t) {
+    const int32_t first = unit_begin[t];
+    const int64_t begin = static_cast<int64_t>(lo > first ? lo - first : 0) * kUnitElements;
+    const int64_t end = static_cast<int64_t>(hi - first) * kUnitElements;
+    const int64_t stop = end < numel[t] ? end : numel[t];
+    segment(t, begin, stop - begin);
+  }
+}
+
+// One launch: the list indices of its tensors, their units and the grid that covers them.
+struct LaunchGroup {
+  std::vector<int64_t> tensors;
+  int64_t units = 0;
+  int grid = 0;
+};
+
+// Splits a list of tensor sizes into launches of at most `capacity` non-empty tensors (and
+// fewer than 2^31 units), each with min(units, resident_blocks) blocks.
+inline std::vector<LaunchGroup> plan_launches(const std::vector<int64_t>& numels, int capacity,
+                                              int64_t resident_blocks) {
+  std::vector<LaunchGroup> groups;
+  LaunchGroup group;
+  auto close_group = [&] {
+    if (!group.tensors.empty()) {
+      group.grid = static_cast<int>(group.units < resident_blocks ? group.units : resident_blocks);
+      groups.push_back(std::move(group));
+      group = LaunchGroup();
+    }
+  };
+  for (size_t i = 0; i < numels.size(); ++i) {
+    if (numels[i] == 0) {
+      continue;  // nothing to sweep
+    }
+    const int64_t units = units_of(numels[i]);
+    TORCH_CHECK(units < INT32_MAX, "gradfuse: tensor ", i, " is too large (", numels[i], " elements)");
+    if (static_cast<int>(group.tensors.size()) == capacity || group.units + units > INT32_MAX) {
+      close_group();
+    }
+    group.tensors.push_back(static_cast<int64_t>(i));
+    group.units += units;
+  }
+  close_group();
+  return groups;
+}
+
+// Fills a launch's size and unit-offset columns (unit_begin has tensors.size() + 1 entries).
+inline void fill_table_sizes(const LaunchGroup& group, const std::vector<int64_t>& numels, int64_t* numel,
+                             int32_t* unit_begin) {
+  int32_t units = 0;
+  for (size_t slot = 0; slot < group.tensors.size(); ++slot) {
+    numel[slot] = numels[group.tensors[slot]];
+    unit_begin[slot] = units;
+    units += static_cast<int32_t>(units_of(numel[slot]));
+  }
+  unit_begin[group.tensors.size()] = units;
+}
+
+}  // namespace gradfuse::cuda
