@@ -24,7 +24,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs, logs to $OUT/NAME.log, records
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 step build 120 env GRADFUSE_CUDA=1 GRADFUSE_PTXAS_VERBOSE=1 python setup.py build_ext --inplace || exit 1
 grep -E "Compiling entry|registers|spill" "$OUT/build.log" > "$OUT/ptxas.txt"
-step tests 120 python -m pytest -q -x tests --junitxml="$OUT/pytest.xml"
+step tests 120 python -m pytest -q -rfE --durations=10 tests --junitxml="$OUT/pytest.xml"  # no -x: one run lists every failure
 step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 3 python scripts/sanitizer_workload.py
 step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 3 python scripts/sanitizer_workload.py
 step bench 120 python -m benchmarks.run --device cuda --quick --cuda-graphs --out "$OUT/bench"
