@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -84,6 +85,27 @@ void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t, 
                     device);
 }
 
+namespace {
+
+// Two slots holding one gradient storage (p2.grad = p1.grad) must not both become accumulators:
+// each later addition would land twice. Every holder after the first (by slot) is copied.
+void demote_shared_adoptions(const std::vector<std::optional<at::Tensor>>& grads, std::string& codes) {
+  std::vector<std::pair<const void*, size_t>> adopted;
+  for (size_t i = 0; i < codes.size(); ++i) {
+    if (codes[i] == static_cast<char>(kAdoptable) && grads[i]->numel() > 0) {
+      adopted.emplace_back(grads[i]->storage().data(), i);  // adoptable: storage offset 0, not a view
+    }
+  }
+  std::sort(adopted.begin(), adopted.end());
+  for (size_t k = 1; k < adopted.size(); ++k) {
+    if (adopted[k].first == adopted[k - 1].first) {
+      codes[adopted[k].second] = static_cast<char>(kCopyOnly);
+    }
+  }
+}
+
+}  // namespace
+
 GradientReport inspect_gradients(const std::vector<at::Tensor>& params,
                                  const std::vector<std::optional<at::Tensor>>& grads) {
   GradientReport report;
@@ -122,6 +144,7 @@ GradientReport inspect_gradients(const std::vector<at::Tensor>& params,
     }
     report.codes[i] = static_cast<char>(code);
   }
+  demote_shared_adoptions(grads, report.codes);
   return report;
 }
 

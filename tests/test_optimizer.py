@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import harness
+import reference as ref
 from data import DTYPES, EDGE_SHAPES, SMALL_SHAPES, generator, randn
 from gradfuse import FusedAccumSGD
 from tolerances import assert_bitwise, assert_close, assert_scalar_close
@@ -484,3 +485,22 @@ def test_adopted_gradient_zeroed_in_place_is_reported_before_the_update(device):
         else:
             opt.step()
             model.zero_grad(set_to_none=False)  # zeroes the adopted tensors in place
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_one_gradient_tensor_shared_by_two_parameters(device, gen, k):
+    """p2.grad = p1.grad: both parameters see the same gradient, but the tensor may become only
+    one accumulator (otherwise every later addition would land in it twice)."""
+    params = [nn.Parameter(randn((5, 3), F32, device, gen)) for _ in range(2)]
+    model = ref.ReferenceAccumSGD([p.detach().clone() for p in params], [dict(params=[0, 1], lr=0.5, momentum=0.9)],
+                                  accumulation_steps=k, max_grad_norm=1.0, storage=[F32, F32],
+                                  acc_storage=[F32, F32])
+    opt = FusedAccumSGD(params, lr=0.5, momentum=0.9, accumulation_steps=k, max_grad_norm=1.0)
+    for _ in range(2 * k):
+        shared = randn((5, 3), F32, device, gen)
+        params[0].grad, params[1].grad = shared, shared
+        model.step([shared, shared])
+        opt.step()
+        opt.zero_grad()
+        for i, p in enumerate(params):
+            assert_close(p, model.params[i], F32, msg=f"param {i}")
