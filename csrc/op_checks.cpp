@@ -97,6 +97,8 @@ void check_step_inputs(at::TensorList params, at::TensorList grads, at::TensorLi
   check_dtype(kStepOp, "total_norm", 0, total_norm, at::kDouble);
   if (lr_tensor.has_value()) {
     check_scalar_tensor(kStepOp, "lr_tensor", *lr_tensor, device);
+    TORCH_CHECK_TYPE(lr_tensor->is_floating_point(), kStepOp, ": lr_tensor must be a real floating-point tensor, got ",
+                     lr_tensor->scalar_type());
   }
   if (!params.empty()) {
     const at::ScalarType p = params[0].scalar_type();

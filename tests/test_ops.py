@@ -332,6 +332,8 @@ def _step(params, grads, buffers=None, flags=None, norm=None, momentum=0.9, lr=0
     ("norm dtype", TypeError, "total_norm"),
     ("norm size", ValueError, "total_norm"),
     ("lr size", ValueError, "lr_tensor"),
+    ("lr complex", TypeError, "lr_tensor must be a real floating-point"),
+    ("lr integer", TypeError, "lr_tensor must be a real floating-point"),
 ])
 def test_clipped_sgd_step_rejects(case, error, pattern):
     p, g = _dense((4, 3)), _dense((4, 3))
@@ -356,6 +358,10 @@ def test_clipped_sgd_step_rejects(case, error, pattern):
         args["norm"] = torch.ones(2, dtype=F64)
     elif case == "lr size":
         args["lr"] = torch.ones(2)
+    elif case == "lr complex":
+        args["lr"] = torch.tensor(0.5 + 0.25j)
+    elif case == "lr integer":
+        args["lr"] = torch.tensor(1)
     before = args["params"][0].clone()
     with pytest.raises(error, match=pattern):
         _step(**args)
@@ -442,6 +448,20 @@ def test_cuda_matches_cpu(gen, norm_type):
     for a, b in zip(accs_cpu, accs_cuda):
         assert_close(b, a.double(), F32, "CUDA accumulate_ vs CPU")
     assert_scalar_close(state_cuda[0], float(state_cpu[0]), F32, "CUDA norm state vs CPU")
+
+
+@requires_cuda
+@pytest.mark.parametrize("scale,amp", [(0.1, 10.0), (0.3, 6.0), (1.0, 65536.0)])
+def test_cuda_amp_unscale_rounds_like_cpu(gen, scale, amp):
+    # scale x (1 / amp_scale) is formed in double and rounded once on both backends: same bits.
+    grads = [randn(s, F32, "cpu", gen) for s in EDGE_SHAPES]
+    accs_cpu = [randn(tuple(g.shape), F32, "cpu", gen) for g in grads]
+    accs_cuda = [a.cuda() for a in accs_cpu]
+    amp_cpu = torch.tensor(amp)
+    ops.accumulate_(accs_cpu, grads, scale, False, None, 2.0, amp_cpu)
+    ops.accumulate_(accs_cuda, [g.cuda() for g in grads], scale, False, None, 2.0, amp_cpu.cuda())
+    for a, b in zip(accs_cpu, accs_cuda):
+        assert_bitwise(b.cpu(), a, "CUDA unscaled accumulate_ vs CPU")
 
 
 # ------------------------------------------------------------------ misaligned views

@@ -33,18 +33,19 @@ template <typename acc_t, typename grad_t, bool kFirst, bool kWithNorm, bool kIn
 struct AccumulateOp {
   using math_t = at::opmath_type<acc_t>;
   static constexpr int kWidth = pack_width<acc_t, grad_t>();
-  math_t scale;
+  double scale;
   const float* amp_scale;  // GradScaler's scale on the device, or null
   double* partials;
   int64_t first_block;
+  math_t factor = math_t(0);  // scale (times the unscale factor), rounded once as on the CPU
   acc_t* acc = nullptr;
   const grad_t* grad = nullptr;
   ThreadNorm<kInfNorm> norm;
 
   __device__ __forceinline__ bool begin_block() {
-    if (amp_scale != nullptr) {
-      scale = scale * static_cast<math_t>(amp_inverse_scale(*amp_scale));  // unscale without a host sync
-    }
+    // Unscaled on the device (no host sync); the product is formed in double like the CPU's.
+    factor = static_cast<math_t>(amp_scale != nullptr ? scale * static_cast<double>(amp_inverse_scale(*amp_scale))
+                                                      : scale);
     return true;
   }
 
@@ -73,7 +74,7 @@ struct AccumulateOp {
 #pragma unroll
         for (int j = 0; j < W; ++j) {
           const math_t base = kFirst ? math_t(0) : static_cast<math_t>(a[k].val[j]);
-          a[k].val[j] = static_cast<acc_t>(add_scaled(base, scale, static_cast<math_t>(g[k].val[j])));
+          a[k].val[j] = static_cast<acc_t>(add_scaled(base, factor, static_cast<math_t>(g[k].val[j])));
           if constexpr (kWithNorm) {
             norm.add(static_cast<double>(static_cast<math_t>(a[k].val[j])));  // norm of what is stored
           }
@@ -94,7 +95,6 @@ template <typename acc_t, typename grad_t>
 void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, bool first,
                       const std::optional<at::Tensor>& norm_state, bool inf_norm, const float* amp_scale,
                       const at::Device& device, cudaStream_t stream) {
-  using math_t = at::opmath_type<acc_t>;
   GRADFUSE_BOOL_SWITCH(first, kFirst, [&] {
     GRADFUSE_BOOL_SWITCH(norm_state.has_value(), kWithNorm, [&] {
       GRADFUSE_BOOL_SWITCH(inf_norm, kInfNorm, [&] {
@@ -110,7 +110,7 @@ void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, b
           partials_ptr = partials.mutable_data_ptr<double>();
         }
         launch.launch(stream, [&](int64_t first_block) {
-          return Op{static_cast<math_t>(scale), amp_scale, partials_ptr, first_block};
+          return Op{scale, amp_scale, partials_ptr, first_block};
         });
         if constexpr (kWithNorm) {
           merge_partials_into_state(partials, *norm_state, inf_norm, stream);
