@@ -6,27 +6,46 @@
 namespace gradfuse {
 namespace {
 
-// The launches a list of tensor sizes takes with `depth` pointer lists: per launch its tensors
-// (list indices), grid, and per block the (list index, first element, count) segments it sweeps.
-py::list launch_plan(const std::vector<int64_t>& numels, int depth, int64_t resident_blocks) {
+// The launches a list of tensor sizes takes with `depth` pointer lists and chunks of
+// `chunk_units` units: per launch its tensors (list indices), chunk count and grid, and per block
+// the (list index, first element, count) segments it sweeps in one go ("segments") and the same
+// share chunk by chunk as (chunk, segments) pairs ("chunks"), as the kernels walk them.
+py::list launch_plan(const std::vector<int64_t>& numels, int depth, int64_t resident_blocks, int64_t chunk_units) {
   TORCH_CHECK_VALUE(depth >= 1 && depth <= 4, "launch_plan: depth must be 1..4, got ", depth);
   TORCH_CHECK_VALUE(resident_blocks >= 1, "launch_plan: resident_blocks must be positive");
+  TORCH_CHECK_VALUE(chunk_units >= 1, "launch_plan: chunk_units must be positive");
   py::list launches;
-  for (const cuda::LaunchGroup& group : cuda::plan_launches(numels, cuda::table_capacity(depth), resident_blocks)) {
+  for (const cuda::LaunchGroup& group :
+       cuda::plan_launches(numels, cuda::table_capacity(depth), resident_blocks, chunk_units)) {
+    const int num_tensors = static_cast<int>(group.tensors.size());
     std::vector<int64_t> numel(group.tensors.size());
     std::vector<int32_t> unit_begin(group.tensors.size() + 1);
     cuda::fill_table_sizes(group, numels, numel.data(), unit_begin.data());
     py::list blocks;
     for (int64_t block = 0; block < group.grid; ++block) {
       py::list segments;
-      cuda::for_each_segment(unit_begin.data(), numel.data(), static_cast<int>(group.tensors.size()), block,
-                             group.grid, [&](int t, int64_t begin, int64_t count) {
-                               segments.append(py::make_tuple(group.tensors[t], begin, count));
-                             });
-      blocks.append(segments);
+      py::list chunks;
+      py::list current;
+      const auto record = [&](py::list& into) {
+        return [&group, target = &into](int t, int64_t begin, int64_t count) {
+          target->append(py::make_tuple(group.tensors[t], begin, count));
+        };
+      };
+      cuda::for_each_block_segment(unit_begin.data(), numel.data(), num_tensors, chunk_units, block, group.grid,
+                                   record(segments));
+      cuda::for_each_chunk(unit_begin.data(), numel.data(), num_tensors, chunk_units, block, group.grid,
+                           record(current), [&](int64_t chunk) {
+                             chunks.append(py::make_tuple(chunk, current));
+                             current = py::list();
+                           });
+      py::dict entry;
+      entry["segments"] = segments;
+      entry["chunks"] = chunks;
+      blocks.append(entry);
     }
     py::dict launch;
     launch["tensors"] = group.tensors;
+    launch["chunks"] = group.chunks;
     launch["grid"] = group.grid;
     launch["blocks"] = blocks;
     launches.append(launch);
@@ -38,8 +57,9 @@ py::list launch_plan(const std::vector<int64_t>& numels, int depth, int64_t resi
 
 void bind_launch_plan(py::module& m) {
   m.def("launch_plan", &launch_plan, py::arg("numels"), py::arg("depth"), py::arg("resident_blocks"),
-        "The CUDA launcher's split of a tensor list into launches and per-block segments");
+        py::arg("chunk_units") = 1, "The CUDA launcher's split of a tensor list into launches, blocks and chunks");
   m.attr("launch_unit_elements") = cuda::kUnitElements;
+  m.attr("launch_norm_chunk_units") = cuda::kNormChunkUnits;
 }
 
 }  // namespace gradfuse

@@ -33,10 +33,12 @@ template <typename acc_t, typename grad_t, bool kFirst, bool kWithNorm, bool kIn
 struct AccumulateOp {
   using math_t = at::opmath_type<acc_t>;
   static constexpr int kWidth = pack_width<acc_t, grad_t>();
+  static constexpr int64_t kChunkUnits = kWithNorm ? kNormChunkUnits : 1;
+  static constexpr bool kChunkResults = kWithNorm;  // one norm partial per chunk
   double scale;
   const float* amp_scale;  // GradScaler's scale on the device, or null
   double* partials;
-  int64_t first_block;
+  int64_t first_chunk;
   math_t factor = math_t(0);  // scale (times the unscale factor), rounded once as on the CPU
   acc_t* acc = nullptr;
   const grad_t* grad = nullptr;
@@ -84,11 +86,14 @@ struct AccumulateOp {
     }
   }
 
-  __device__ __forceinline__ void end_block() {
+  __device__ __forceinline__ void end_chunk(int64_t chunk) {
     if constexpr (kWithNorm) {
-      store_block_partial<kInfNorm>(norm.value, partials, first_block);
+      store_chunk_partial<kInfNorm>(norm.value, partials, first_chunk + chunk);
+      norm.value = 0.0;
     }
   }
+
+  __device__ __forceinline__ void end_block() {}
 };
 
 template <typename acc_t, typename grad_t>
@@ -100,17 +105,17 @@ void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, b
       GRADFUSE_BOOL_SWITCH(inf_norm, kInfNorm, [&] {
         using Op = AccumulateOp<acc_t, grad_t, kFirst, kWithNorm, kWithNorm && kInfNorm>;
         const MultiTensorLaunch<2, Op> launch({accs, grads}, {true, false}, device.index());
-        if (launch.total_blocks() == 0) {
+        if (launch.total_chunks() == 0) {
           return;  // only empty tensors: nothing to add, a zero partial changes no state
         }
         at::Tensor partials;
         double* partials_ptr = nullptr;
         if constexpr (kWithNorm) {
-          partials = at::empty({launch.total_blocks()}, norm_state->options());
+          partials = at::empty({launch.total_chunks()}, norm_state->options());
           partials_ptr = partials.mutable_data_ptr<double>();
         }
-        launch.launch(stream, [&](int64_t first_block) {
-          return Op{scale, amp_scale, partials_ptr, first_block};
+        launch.launch(stream, [&](int64_t first_chunk) {
+          return Op{scale, amp_scale, partials_ptr, first_chunk};
         });
         if constexpr (kWithNorm) {
           merge_partials_into_state(partials, *norm_state, inf_norm, stream);

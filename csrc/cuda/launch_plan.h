@@ -14,6 +14,9 @@ namespace gradfuse::cuda {
 
 // Work-balancing granularity; every tensor starts on a unit, so unit offsets are pack aligned.
 constexpr int64_t kUnitElements = 1024;
+// Units per norm partial: fixed, so the partials (and the norm's bits) depend on the tensor
+// sizes only, not on the GPU's SM count or occupancy.
+constexpr int64_t kNormChunkUnits = 16;
 // CUDA 12.1+ accepts this many bytes of kernel parameters on sm_70 and newer.
 constexpr int kMaxParamBytes = 32764;
 // Kept free for the op's own parameters (scalars and pointers) next to the table.
@@ -43,39 +46,76 @@ C10_HOST_DEVICE inline int find_tensor(const int32_t* unit_begin, int num_tensor
   return lo;
 }
 
-// Calls segment(t, begin, count) for the elements of block `block` (of `grid`): a contiguous,
-// equal share of the launch's units (balanced, and fixed for given sizes: deterministic).
+// Calls segment(t, begin, count) for the elements that units [lo, hi) of a launch cover.
 template <typename Segment>
 C10_HOST_DEVICE inline void for_each_segment(const int32_t* unit_begin, const int64_t* numel, int num_tensors,
-                                             int64_t block, int64_t grid, const Segment& segment) {
-  const int64_t units = unit_begin[num_tensors];
-  const int32_t lo = static_cast<int32_t>(units * block / grid);
-  const int32_t hi = static_cast<int32_t>(units * (block + 1) / grid);
-  for (int t = find_tensor(unit_begin, num_tensors, lo); t < num_tensors && unit_begin[t] < hi; ++t) {
-    const int32_t first = unit_begin[t];
-    const int64_t begin = static_cast<int64_t>(lo > first ? lo - first : 0) * kUnitElements;
-    const int64_t end = static_cast<int64_t>(hi - first) * kUnitElements;
+                                             int64_t lo, int64_t hi, const Segment& segment) {
+  for (int t = find_tensor(unit_begin, num_tensors, static_cast<int32_t>(lo)); t < num_tensors && unit_begin[t] < hi;
+       ++t) {
+    const int64_t first = unit_begin[t];
+    const int64_t begin = (lo > first ? lo - first : 0) * kUnitElements;
+    const int64_t end = (hi - first) * kUnitElements;
     const int64_t stop = end < numel[t] ? end : numel[t];
     segment(t, begin, stop - begin);
   }
 }
 
-// One launch: the list indices of its tensors, their units and the grid that covers them.
+// Chunks [begin, end) of block `block` (of `grid`): contiguous, equal shares (balanced).
+struct ChunkShare {
+  int64_t begin;
+  int64_t end;
+};
+C10_HOST_DEVICE inline ChunkShare block_chunks(int64_t units, int64_t chunk_units, int64_t block, int64_t grid) {
+  const int64_t chunks = (units + chunk_units - 1) / chunk_units;
+  return ChunkShare{chunks * block / grid, chunks * (block + 1) / grid};
+}
+
+// Calls segment(t, begin, count) for every element of block `block`'s share, in one sweep.
+template <typename Segment>
+C10_HOST_DEVICE inline void for_each_block_segment(const int32_t* unit_begin, const int64_t* numel, int num_tensors,
+                                                   int64_t chunk_units, int64_t block, int64_t grid,
+                                                   const Segment& segment) {
+  const int64_t units = unit_begin[num_tensors];
+  const ChunkShare share = block_chunks(units, chunk_units, block, grid);
+  const int64_t hi = share.end * chunk_units;
+  for_each_segment(unit_begin, numel, num_tensors, share.begin * chunk_units, hi < units ? hi : units, segment);
+}
+
+// Like for_each_block_segment, chunk by chunk, calling chunk_done(chunk) after each chunk's
+// segments. What a chunk covers depends on the sizes only, never on the grid: per-chunk norm
+// partials are the same on every GPU.
+template <typename Segment, typename ChunkDone>
+C10_HOST_DEVICE inline void for_each_chunk(const int32_t* unit_begin, const int64_t* numel, int num_tensors,
+                                           int64_t chunk_units, int64_t block, int64_t grid, const Segment& segment,
+                                           const ChunkDone& chunk_done) {
+  const int64_t units = unit_begin[num_tensors];
+  const ChunkShare share = block_chunks(units, chunk_units, block, grid);
+  for (int64_t chunk = share.begin; chunk < share.end; ++chunk) {
+    const int64_t lo = chunk * chunk_units;
+    const int64_t hi = lo + chunk_units < units ? lo + chunk_units : units;
+    for_each_segment(unit_begin, numel, num_tensors, lo, hi, segment);
+    chunk_done(chunk);
+  }
+}
+
+// One launch: the list indices of its tensors, their units and chunks, and its grid.
 struct LaunchGroup {
   std::vector<int64_t> tensors;
   int64_t units = 0;
+  int64_t chunks = 0;
   int grid = 0;
 };
 
 // Splits a list of tensor sizes into launches of at most `capacity` non-empty tensors (and
-// fewer than 2^31 units), each with min(units, resident_blocks) blocks.
+// fewer than 2^31 units), each with min(chunks, resident_blocks) blocks.
 inline std::vector<LaunchGroup> plan_launches(const std::vector<int64_t>& numels, int capacity,
-                                              int64_t resident_blocks) {
+                                              int64_t resident_blocks, int64_t chunk_units) {
   std::vector<LaunchGroup> groups;
   LaunchGroup group;
   auto close_group = [&] {
     if (!group.tensors.empty()) {
-      group.grid = static_cast<int>(group.units < resident_blocks ? group.units : resident_blocks);
+      group.chunks = (group.units + chunk_units - 1) / chunk_units;
+      group.grid = static_cast<int>(group.chunks < resident_blocks ? group.chunks : resident_blocks);
       groups.push_back(std::move(group));
       group = LaunchGroup();
     }

@@ -37,16 +37,25 @@ struct TensorTable {
   int32_t num_tensors;
 };
 
-// Op interface: bool begin_block() (false: the block has nothing to do), segment(table, t,
-// begin, n) for elements [begin, begin + n) of tensor t, end_block() (block-wide, e.g. a reduction).
+// Op interface: kChunkUnits (units per chunk, the split's granularity), kChunkResults (whether
+// the op ends each chunk with end_chunk(chunk), a block-wide step such as a norm partial's
+// reduction; otherwise a block sweeps its share in one go), bool begin_block() (false: the
+// block has nothing to do), segment(table, t, begin, n) for elements [begin, begin + n) of
+// tensor t, end_block().
 template <int kDepth, typename Op>
 __global__ void __launch_bounds__(kBlockThreads)
     multi_tensor_kernel(const __grid_constant__ TensorTable<kDepth> table, Op op) {
   if (!op.begin_block()) {
     return;
   }
-  for_each_segment(table.unit_begin, table.numel, table.num_tensors, blockIdx.x, gridDim.x,
-                   [&](int t, int64_t begin, int64_t n) { op.segment(table, t, begin, n); });
+  const auto segment = [&](int t, int64_t begin, int64_t n) { op.segment(table, t, begin, n); };
+  if constexpr (Op::kChunkResults) {
+    for_each_chunk(table.unit_begin, table.numel, table.num_tensors, Op::kChunkUnits, blockIdx.x, gridDim.x,
+                   segment, [&](int64_t chunk) { op.end_chunk(chunk); });
+  } else {
+    for_each_block_segment(table.unit_begin, table.numel, table.num_tensors, Op::kChunkUnits, blockIdx.x,
+                           gridDim.x, segment);
+  }
   op.end_block();
 }
 
@@ -119,20 +128,20 @@ class MultiTensorLaunch {
     }
     const int64_t resident = static_cast<int64_t>(multiprocessor_count(device)) *
                              resident_blocks_per_sm<kDepth, Op>(device);
-    groups_ = plan_launches(numels_, Table::kCapacity, resident);
+    groups_ = plan_launches(numels_, Table::kCapacity, resident, Op::kChunkUnits);
     for (const LaunchGroup& group : groups_) {
-      total_blocks_ += group.grid;
+      total_chunks_ += group.chunks;
     }
   }
 
-  // Blocks over all launches: one norm partial slot each.
-  int64_t total_blocks() const { return total_blocks_; }
+  // Chunks over all launches (one norm partial slot each); 0 when every tensor is empty.
+  int64_t total_chunks() const { return total_chunks_; }
 
-  // make_op(first_block) builds the op of a launch whose blocks are first_block, first_block + 1, ...
+  // make_op(first_chunk) builds the op of a launch whose chunks are first_chunk, first_chunk + 1, ...
   template <typename MakeOp>
   void launch(cudaStream_t stream, const MakeOp& make_op) const {
     auto table = std::make_unique<Table>();  // 32KB: kept off the host stack
-    int64_t first_block = 0;
+    int64_t first_chunk = 0;
     for (const LaunchGroup& group : groups_) {
       for (size_t slot = 0; slot < group.tensors.size(); ++slot) {
         for (int d = 0; d < kDepth; ++d) {
@@ -142,9 +151,9 @@ class MultiTensorLaunch {
       }
       fill_table_sizes(group, numels_, table->numel, table->unit_begin);
       table->num_tensors = static_cast<int32_t>(group.tensors.size());
-      multi_tensor_kernel<kDepth, Op><<<group.grid, kBlockThreads, 0, stream>>>(*table, make_op(first_block));
+      multi_tensor_kernel<kDepth, Op><<<group.grid, kBlockThreads, 0, stream>>>(*table, make_op(first_chunk));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      first_block += group.grid;
+      first_chunk += group.chunks;
     }
   }
 
@@ -153,7 +162,7 @@ class MultiTensorLaunch {
   std::array<bool, kDepth> written_;
   std::vector<int64_t> numels_;
   std::vector<LaunchGroup> groups_;
-  int64_t total_blocks_ = 0;
+  int64_t total_chunks_ = 0;
 };
 
 }  // namespace gradfuse::cuda

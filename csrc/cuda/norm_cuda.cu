@@ -27,8 +27,10 @@ constexpr const char* kFinalizeOp = "gradfuse::finalize_norm_";
 template <typename T, bool kInfNorm>
 struct NormOp {
   static constexpr int kWidth = pack_width<T>();
+  static constexpr int64_t kChunkUnits = kNormChunkUnits;
+  static constexpr bool kChunkResults = true;  // one norm partial per chunk
   double* partials;
-  int64_t first_block;
+  int64_t first_chunk;
   const T* data = nullptr;
   ThreadNorm<kInfNorm> norm;
 
@@ -59,7 +61,12 @@ struct NormOp {
     }
   }
 
-  __device__ __forceinline__ void end_block() { store_block_partial<kInfNorm>(norm.value, partials, first_block); }
+  __device__ __forceinline__ void end_chunk(int64_t chunk) {
+    store_chunk_partial<kInfNorm>(norm.value, partials, first_chunk + chunk);
+    norm.value = 0.0;
+  }
+
+  __device__ __forceinline__ void end_block() {}
 };
 
 template <bool kInfNorm>
@@ -115,12 +122,12 @@ void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, doub
     GRADFUSE_BOOL_SWITCH(inf_norm, kInfNorm, [&] {
       using Op = NormOp<scalar_t, kInfNorm>;
       const MultiTensorLaunch<1, Op> launch({tensors}, {false}, device.index());
-      if (launch.total_blocks() == 0) {
+      if (launch.total_chunks() == 0) {
         return;  // only empty tensors: the CPU adds a zero partial, which changes nothing
       }
-      const at::Tensor partials = at::empty({launch.total_blocks()}, norm_state.options());
+      const at::Tensor partials = at::empty({launch.total_chunks()}, norm_state.options());
       double* partials_ptr = partials.mutable_data_ptr<double>();
-      launch.launch(stream, [&](int64_t first_block) { return Op{partials_ptr, first_block}; });
+      launch.launch(stream, [&](int64_t first_chunk) { return Op{partials_ptr, first_chunk}; });
       merge_partials_into_state(partials, norm_state, kInfNorm, stream);
     });
   });

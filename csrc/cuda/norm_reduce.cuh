@@ -1,5 +1,5 @@
 // Norm pieces shared by the kernels that produce a global norm: a per-thread accumulator in
-// double, a fixed-order block merge, and the one-block merge of per-block partials.
+// double, a fixed-order block merge, and the one-block merge of per-chunk partials.
 #pragma once
 
 #include "../element_math.h"
@@ -38,19 +38,20 @@ __device__ __forceinline__ double block_norm_merge(double value) {
       value = norm_merge(value, __shfl_down_sync(0xffffffffu, value, offset), kInfNorm);
     }
   }
+  __syncthreads();  // warp_totals is free again: the merge may run once per chunk
   return value;
 }
 
-// Writes the block's merged norm into its partial slot (every thread must call it).
+// Writes the block-merged norm of one chunk into partials[slot] (every thread must call it).
 template <bool kInfNorm>
-__device__ __forceinline__ void store_block_partial(double thread_value, double* partials, int64_t first_block) {
+__device__ __forceinline__ void store_chunk_partial(double thread_value, double* partials, int64_t slot) {
   const double total = block_norm_merge<kInfNorm>(thread_value);
   if (threadIdx.x == 0) {
-    partials[first_block + blockIdx.x] = total;
+    partials[slot] = total;
   }
 }
 
-// Merges partials (float64, one per block of the producing launches) in a fixed order into
+// Merges partials (float64, one per chunk of the producing launches) in a fixed order into
 // norm_state [value, non-finite flag] with one one-block kernel; no float atomics.
 void merge_partials_into_state(const at::Tensor& partials, const at::Tensor& norm_state, bool inf_norm,
                                cudaStream_t stream);
