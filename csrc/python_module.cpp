@@ -30,26 +30,37 @@ std::pair<int64_t, std::string> inspect_parameters(const std::vector<at::Tensor>
   return {-1, std::string()};
 }
 
-// Inspects the gradients of a fixed parameter list once per step; the parameters are converted
-// once at construction and the gradients straight from the Python list (the per-step hot path).
+// Gathers and inspects the gradients of a fixed parameter list once per step, reading .grad
+// natively (no Python attribute access per tensor: the per-step hot path for 1000s of tensors).
 class GradientInspector {
  public:
   explicit GradientInspector(std::vector<at::Tensor> params) : params_(std::move(params)) {}
 
-  py::tuple inspect(const py::list& grads) const {
-    TORCH_CHECK_VALUE(grads.size() == params_.size(), "GradientInspector: ", grads.size(), " gradients for ",
-                      params_.size(), " parameters");
-    std::vector<std::optional<at::Tensor>> unpacked(params_.size());
+  // (index of the first unusable gradient or -1, reason, codes, the gradients as a list).
+  py::tuple gather() const {
+    std::vector<std::optional<at::Tensor>> grads(params_.size());
+    py::list out(params_.size());
     for (size_t i = 0; i < params_.size(); ++i) {
-      PyObject* item = PyList_GET_ITEM(grads.ptr(), static_cast<Py_ssize_t>(i));
-      if (item == Py_None) {
-        continue;
+      const at::Tensor& grad = params_[i].unsafeGetTensorImpl()->grad();
+      if (grad.defined()) {
+        grads[i] = grad;
+        out[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(grad));  // the same object p.grad gives
+      } else {
+        out[i] = py::none();
       }
-      TORCH_CHECK_TYPE(THPVariable_Check(item), "parameter ", i, " has a .grad that is not a tensor");
-      unpacked[i] = THPVariable_Unpack(item);
     }
-    const gradfuse::GradientReport report = gradfuse::inspect_gradients(params_, unpacked);
-    return py::make_tuple(report.bad_index, report.reason, py::bytes(report.codes));
+    const gradfuse::GradientReport report = gradfuse::inspect_gradients(params_, grads);
+    return py::make_tuple(report.bad_index, report.reason, py::bytes(report.codes), out);
+  }
+
+  // p.grad = None for every parameter, without a Python attribute write per tensor.
+  void clear_grads() const {
+    for (const at::Tensor& p : params_) {
+      c10::TensorImpl* impl = p.unsafeGetTensorImpl();
+      if (impl->grad().defined()) {
+        impl->mutable_grad().reset();
+      }
+    }
   }
 
  private:
@@ -63,8 +74,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("inspect_parameters", &inspect_parameters, "First unusable parameter as (index, reason)");
   py::class_<GradientInspector>(m, "GradientInspector")
       .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
-      .def("inspect", &GradientInspector::inspect, py::arg("grads"),
-           "(index of the first unusable gradient or -1, reason, bytes of one GradientCode per parameter)");
+      .def("gather", &GradientInspector::gather,
+           "(index of the first unusable gradient or -1, reason, bytes of one GradientCode per parameter, "
+           "list of the gradients)")
+      .def("clear_grads", &GradientInspector::clear_grads, "Sets every parameter's .grad to None");
   gradfuse::bind_launch_plan(m);
 #ifdef GRADFUSE_WITH_CUDA
   m.attr("cuda_compiled") = true;

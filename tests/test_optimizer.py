@@ -504,3 +504,21 @@ def test_one_gradient_tensor_shared_by_two_parameters(device, gen, k):
         opt.zero_grad()
         for i, p in enumerate(params):
             assert_close(p, model.params[i], F32, msg=f"param {i}")
+
+
+def test_zero_grad_sets_every_gradient_to_none(device, gen):
+    # Native loop over every group (including one added later); the gradient tensors themselves
+    # are left as they are (one may be this cycle's accumulator).
+    a, b, c = (nn.Parameter(randn((4,), F32, device, gen)) for _ in range(3))
+    opt = FusedAccumSGD([a, b], lr=0.1, accumulation_steps=2)
+    opt.add_param_group(dict(params=[c], lr=0.2))
+    grads = [randn((4,), F32, device, gen) for _ in range(3)]
+    kept = [g.clone() for g in grads]
+    a.grad, c.grad = grads[0], grads[2]
+    opt.zero_grad()
+    assert a.grad is None and b.grad is None and c.grad is None
+    assert_bitwise(grads[0], kept[0], "zero_grad changed a gradient tensor")
+    a.grad, b.grad, c.grad = grads
+    opt.step()
+    opt.zero_grad()
+    assert all(p.grad is None for p in (a, b, c))
