@@ -75,8 +75,8 @@ def table_rows(result):
             f"{gf['timing']['median_s'] * 1e3:.3f}" if gf else "-",
             f"{res[best]['timing']['median_s'] * 1e3:.3f} ({best.replace('torch_', '')})" if best else "-",
             f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
-            f"{gf['gbps']:.1f}" if gf else "-",
-            f"{gf['pct_ceiling']:.0f}%" if gf else "-",
+            f"{gf['gbps']:.1f}" if gf and gf["gbps"] is not None else "-",
+            f"{gf['pct_ceiling']:.0f}%" if gf and gf["pct_ceiling"] is not None else "-",
             f"{gf['timing']['iqr_s'] / gf['timing']['median_s'] * 100:.0f}%" if gf else "-",
         ])
     return out
@@ -129,7 +129,9 @@ def render_markdown(result):
              "SGD(foreach=True) (ops: the torch equivalent); GB/s = model bytes (benchmarks/bytes_model.py) / "
              "median time; % ceiling against the ceiling above.",
              "- cycle = all K micro-steps incl. the boundary; boundary = the last micro-step alone "
-             "(for K=1 the cycle is the boundary).", "",
+             "(for K=1 the cycle is the boundary); train = a K-micro-batch cycle with real forward and "
+             "backward passes (autograd's own accumulation into .grad for torch; see "
+             "benchmarks/training_cases.py): no bytes model, so no GB/s.", "",
              "## Targets", ""]
     for t in result.get("targets") or evaluate_targets(result):
         lines.append(f"- {_target_line(t)}")

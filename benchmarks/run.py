@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from . import bytes_model, cases, report, workloads
+from . import bytes_model, cases, report, training_cases, workloads
 from .ceiling import measure_ceiling
 from .machine import machine_info, machine_tag
 from .plot import plot_sweep
@@ -48,6 +48,10 @@ def build_plan(device, quick):
                     plan.append(dict(kind="boundary", workload=wl, dtype=dtype, K=K, clip=True))
                 if dtype == "float32" and not quick:
                     plan.append(dict(kind="cycle", workload=wl, dtype=dtype, K=K, clip=False))
+        # Real autograd (forward, backward, optimizer). Not GPT-2 on CPU: each micro-batch there
+        # maps and page-faults fresh 500 MB buffers, whose time swamps the comparison.
+        if (not quick or wl == "tiny2000") and not (device == "cpu" and wl == "gpt2"):
+            plan.append(dict(kind="train", workload=wl, dtype="float32", K=4, clip=True))
         if not quick or wl == "tiny2000":
             for op in cases.OPS:
                 plan.append(dict(kind="op", workload=wl, dtype="float32", op=op))
@@ -78,6 +82,11 @@ def run_case(case, device, llc, tcfg, cuda_graphs, ceiling_gbps):
         n_sets = max(1, min(rotation_sets(touch, llc), budget // (n * 4 * 9)))
         benches, keep = cases.op_benches(case["op"], shapes, device, n_sets, cuda_graphs)
         per_param = bytes_model.op_bytes_per_param(case["op"], dtype)
+    elif case["kind"] == "train":
+        per_set = training_cases.bytes_per_set(shapes, dtype, case["K"], len(CYCLE_IMPLS))
+        n_sets = max(1, min(rotation_sets(per_set, llc), budget // per_set))
+        benches, keep = training_cases.training_benches(shapes, dtype, device, case["K"], n_sets, CYCLE_IMPLS)
+        per_param = None  # forward/backward time is in it: no bytes model, no GB/s
     else:
         K = case["K"]
         touch = cases.footprint_bytes(shapes, dtype, K)
@@ -88,14 +97,15 @@ def run_case(case, device, llc, tcfg, cuda_graphs, ceiling_gbps):
                      else bytes_model.cycle_bytes_per_param(dtype, K))
         row["torch_bytes"] = n * bytes_model.torch_cycle_bytes_per_param(dtype, K, case["clip"]) \
             if case["kind"] == "cycle" else None
-    row["model_bytes"] = n * per_param
+    row["model_bytes"] = None if per_param is None else n * per_param
     row["model_bytes_per_param"] = per_param
     row["n_sets"] = n_sets
     timings = measure(benches, device, **tcfg)
     row["results"] = {}
     for name, t in timings.items():
-        g = bytes_model.gbps(row["model_bytes"], t.median_s)
-        row["results"][name] = {"timing": t.to_dict(), "gbps": g, "pct_ceiling": 100 * g / ceiling_gbps}
+        g = None if per_param is None else bytes_model.gbps(row["model_bytes"], t.median_s)
+        row["results"][name] = {"timing": t.to_dict(), "gbps": g,
+                                "pct_ceiling": None if g is None else 100 * g / ceiling_gbps}
     torch_names = [k for k in row["results"] if k.startswith("torch") and "@" not in k]
     if torch_names:
         best = min(torch_names, key=lambda k: row["results"][k]["timing"]["median_s"])
