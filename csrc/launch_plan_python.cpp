@@ -59,7 +59,8 @@ void bind_launch_plan(py::module& m) {
   m.def("launch_plan", &launch_plan, py::arg("numels"), py::arg("depth"), py::arg("resident_blocks"),
         py::arg("chunk_units") = 1, "The CUDA launcher's split of a tensor list into launches, blocks and chunks");
   m.attr("launch_unit_elements") = cuda::kUnitElements;
-  m.attr("launch_norm_chunk_units") = cuda::kNormChunkUnits;
+  m.def("norm_chunk_units", &cuda::norm_chunk_units, py::arg("numels"),
+        "Units per norm partial the CUDA ops use for a list of tensor sizes");
 }
 
 }  // namespace gradfuse

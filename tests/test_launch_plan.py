@@ -10,7 +10,7 @@ import pytest
 from gradfuse import _C
 
 UNIT = _C.launch_unit_elements
-NORM_CHUNK = _C.launch_norm_chunk_units
+NORM_CHUNK = 16  # the most units per norm chunk (csrc/cuda/launch_plan.h)
 CAPACITY = {1: 1623, 2: 1159, 4: 737}  # tensors per 32 KB parameter table, by pointer lists
 H100_RESIDENT = 132 * 8  # SMs x resident blocks of 256 threads
 
@@ -110,10 +110,27 @@ def test_norm_chunks_do_not_depend_on_the_gpu(seed):
     # count or occupancy (H100 SXM 132 SMs, PCIe 114, a MIG slice) gives the same partials.
     rng = random.Random(seed)
     numels = [rng.choice([1, rng.randrange(1, 5000), rng.randrange(1, 3_000_000)]) for _ in range(rng.choice([3, 400]))]
-    plans = [check_plan(numels, 2, resident, NORM_CHUNK) for resident in (1, 7, 114 * 8, H100_RESIDENT, 10**6)]
+    chunk_units = _C.norm_chunk_units(numels)
+    plans = [check_plan(numels, 2, resident, chunk_units) for resident in (1, 7, 114 * 8, H100_RESIDENT, 10**6)]
     first = chunk_contents(plans[0])
     for plan in plans[1:]:
         assert chunk_contents(plan) == first
+
+
+def test_norm_chunk_size_follows_the_list_size():
+    # Enough chunks to fill a GPU for small lists, at most 16 units each so the partials' merge
+    # stays short for big ones.
+    def units(numels):
+        return sum(math.ceil(n / UNIT) for n in numels)
+    tiny = [1 + i % 512 for i in range(2000)]
+    assert _C.norm_chunk_units(tiny) == 1
+    assert _C.norm_chunk_units(gpt2_small_numels()) == NORM_CHUNK
+    assert _C.norm_chunk_units([]) == 1
+    for numels in (tiny, gpt2_small_numels(), [3000 * UNIT], [2048 * UNIT + 1]):
+        chunk_units = _C.norm_chunk_units(numels)
+        assert 1 <= chunk_units <= NORM_CHUNK
+        chunks = math.ceil(units(numels) / chunk_units)
+        assert chunks >= min(units(numels), 1024) or chunk_units == NORM_CHUNK  # >= half the 2048 wanted
 
 
 def test_only_empty_tensors_take_no_launch():

@@ -33,7 +33,6 @@ template <typename acc_t, typename grad_t, bool kFirst, bool kWithNorm, bool kIn
 struct AccumulateOp {
   using math_t = at::opmath_type<acc_t>;
   static constexpr int kWidth = pack_width<acc_t, grad_t>();
-  static constexpr int64_t kChunkUnits = kWithNorm ? kNormChunkUnits : 1;
   static constexpr bool kChunkResults = kWithNorm;  // one norm partial per chunk
   double scale;
   const float* amp_scale;  // GradScaler's scale on the device, or null

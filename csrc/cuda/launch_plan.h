@@ -14,9 +14,12 @@ namespace gradfuse::cuda {
 
 // Work-balancing granularity; every tensor starts on a unit, so unit offsets are pack aligned.
 constexpr int64_t kUnitElements = 1024;
-// Units per norm partial: fixed, so the partials (and the norm's bits) depend on the tensor
-// sizes only, not on the GPU's SM count or occupancy.
-constexpr int64_t kNormChunkUnits = 16;
+// Norm partials come per chunk of units, sized from the tensor sizes alone (never from the
+// GPU's SM count or occupancy, so the norm's bits are the same on every GPU): about
+// kNormChunksWanted chunks for parallelism, at most kMaxNormChunkUnits units each so that the
+// one-block merge of the partials stays short.
+constexpr int64_t kNormChunksWanted = 2048;
+constexpr int64_t kMaxNormChunkUnits = 16;
 // CUDA 12.1+ accepts this many bytes of kernel parameters on sm_70 and newer.
 constexpr int kMaxParamBytes = 32764;
 // Kept free for the op's own parameters (scalars and pointers) next to the table.
@@ -29,6 +32,16 @@ constexpr int table_capacity(int depth) {
 
 C10_HOST_DEVICE inline int64_t units_of(int64_t numel) {
   return (numel + kUnitElements - 1) / kUnitElements;
+}
+
+// Units per norm chunk for a list of tensor sizes (see kNormChunksWanted).
+inline int64_t norm_chunk_units(const std::vector<int64_t>& numels) {
+  int64_t units = 0;
+  for (const int64_t numel : numels) {
+    units += units_of(numel);
+  }
+  const int64_t wanted = (units + kNormChunksWanted - 1) / kNormChunksWanted;
+  return wanted < 1 ? 1 : (wanted > kMaxNormChunkUnits ? kMaxNormChunkUnits : wanted);
 }
 
 // Index t of the tensor whose units [unit_begin[t], unit_begin[t + 1]) hold unit.

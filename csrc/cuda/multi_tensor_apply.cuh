@@ -35,13 +35,13 @@ struct TensorTable {
   int64_t numel[kCapacity];
   int32_t unit_begin[kCapacity + 1];  // prefix sum of ceil(numel / kUnitElements)
   int32_t num_tensors;
+  int32_t chunk_units;  // the split's granularity (see for_each_chunk)
 };
 
-// Op interface: kChunkUnits (units per chunk, the split's granularity), kChunkResults (whether
-// the op ends each chunk with end_chunk(chunk), a block-wide step such as a norm partial's
-// reduction; otherwise a block sweeps its share in one go), bool begin_block() (false: the
-// block has nothing to do), segment(table, t, begin, n) for elements [begin, begin + n) of
-// tensor t, end_block().
+// Op interface: kChunkResults (whether the op ends each chunk with end_chunk(chunk), a
+// block-wide step such as a norm partial's reduction; otherwise a block sweeps its share in one
+// go), bool begin_block() (false: the block has nothing to do), segment(table, t, begin, n) for
+// elements [begin, begin + n) of tensor t, end_block().
 template <int kDepth, typename Op>
 __global__ void __launch_bounds__(kBlockThreads)
     multi_tensor_kernel(const __grid_constant__ TensorTable<kDepth> table, Op op) {
@@ -50,10 +50,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   const auto segment = [&](int t, int64_t begin, int64_t n) { op.segment(table, t, begin, n); };
   if constexpr (Op::kChunkResults) {
-    for_each_chunk(table.unit_begin, table.numel, table.num_tensors, Op::kChunkUnits, blockIdx.x, gridDim.x,
+    for_each_chunk(table.unit_begin, table.numel, table.num_tensors, table.chunk_units, blockIdx.x, gridDim.x,
                    segment, [&](int64_t chunk) { op.end_chunk(chunk); });
   } else {
-    for_each_block_segment(table.unit_begin, table.numel, table.num_tensors, Op::kChunkUnits, blockIdx.x,
+    for_each_block_segment(table.unit_begin, table.numel, table.num_tensors, table.chunk_units, blockIdx.x,
                            gridDim.x, segment);
   }
   op.end_block();
@@ -128,7 +128,9 @@ class MultiTensorLaunch {
     }
     const int64_t resident = static_cast<int64_t>(multiprocessor_count(device)) *
                              resident_blocks_per_sm<kDepth, Op>(device);
-    groups_ = plan_launches(numels_, Table::kCapacity, resident, Op::kChunkUnits);
+    // Per-chunk results need chunks fixed by the sizes; otherwise units balance best.
+    chunk_units_ = Op::kChunkResults ? norm_chunk_units(numels_) : 1;
+    groups_ = plan_launches(numels_, Table::kCapacity, resident, chunk_units_);
     for (const LaunchGroup& group : groups_) {
       total_chunks_ += group.chunks;
     }
@@ -151,6 +153,7 @@ class MultiTensorLaunch {
       }
       fill_table_sizes(group, numels_, table->numel, table->unit_begin);
       table->num_tensors = static_cast<int32_t>(group.tensors.size());
+      table->chunk_units = static_cast<int32_t>(chunk_units_);
       multi_tensor_kernel<kDepth, Op><<<group.grid, kBlockThreads, 0, stream>>>(*table, make_op(first_chunk));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       first_chunk += group.chunks;
@@ -162,6 +165,7 @@ class MultiTensorLaunch {
   std::array<bool, kDepth> written_;
   std::vector<int64_t> numels_;
   std::vector<LaunchGroup> groups_;
+  int64_t chunk_units_ = 1;
   int64_t total_chunks_ = 0;
 };
 

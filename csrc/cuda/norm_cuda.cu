@@ -27,7 +27,6 @@ constexpr const char* kFinalizeOp = "gradfuse::finalize_norm_";
 template <typename T, bool kInfNorm>
 struct NormOp {
   static constexpr int kWidth = pack_width<T>();
-  static constexpr int64_t kChunkUnits = kNormChunkUnits;
   static constexpr bool kChunkResults = true;  // one norm partial per chunk
   double* partials;
   int64_t first_chunk;
@@ -72,9 +71,21 @@ struct NormOp {
 template <bool kInfNorm>
 __global__ void __launch_bounds__(kBlockThreads)
     merge_partials_kernel(const double* __restrict__ partials, int64_t count, double* __restrict__ state) {
+  // Thread t merges partials t, t + 256, t + 512, ... in that order, eight loads in flight at a
+  // time; a missing one reads as 0, which leaves either norm kind unchanged.
+  constexpr int kInFlight = 8;
   double value = 0.0;
-  for (int64_t i = threadIdx.x; i < count; i += kBlockThreads) {  // fixed order per thread
-    value = norm_merge(value, partials[i], kInfNorm);
+  for (int64_t base = threadIdx.x; base < count; base += kInFlight * kBlockThreads) {
+    double loaded[kInFlight];
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const int64_t i = base + k * kBlockThreads;
+      loaded[k] = i < count ? partials[i] : 0.0;
+    }
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      value = norm_merge(value, loaded[k], kInfNorm);
+    }
   }
   const double total = block_norm_merge<kInfNorm>(value);
   if (threadIdx.x == 0) {  // same merge as the CPU's merge_into_norm_state

@@ -64,7 +64,6 @@ struct SgdOp {
   using math_t = at::opmath_type<param_t>;
   static constexpr int kDepth = kMomentum ? 4 : 2;
   static constexpr int kWidth = pack_width<param_t, grad_t>();
-  static constexpr int64_t kChunkUnits = 1;  // no per-chunk results: finest balance
   static constexpr bool kChunkResults = false;
   StepSettings settings;
   SgdScalars<math_t> s{};
@@ -140,7 +139,6 @@ struct SgdOp {
 // Marks momentum buffers initialized after a non-skipped step: a separate launch, since the
 // update's blocks read these flags while it runs.
 struct MarkInitializedOp {
-  static constexpr int64_t kChunkUnits = 1;
   static constexpr bool kChunkResults = false;
   const double* total_norm;
   bool skip_nonfinite;
