@@ -1,5 +1,6 @@
 // Python view of the CUDA launcher's work split (csrc/cuda/launch_plan.h), so the tests check
-// on any machine that every element is swept exactly once, in balanced, aligned shares.
+// on any machine that every element is swept exactly once, in balanced, aligned shares, and
+// that norm chunks do not depend on the grid.
 #include "cuda/launch_plan.h"
 #include "launch_plan_python.h"
 

@@ -1,6 +1,6 @@
-// How the multi-tensor launcher splits a tensor list: into launches (parameter tables) and,
-// inside a launch, into per-block element segments. Plain C++ shared by the kernels and a host
-// binding, so the split is tested on machines without a GPU.
+// How the multi-tensor launcher splits a tensor list: into launches (parameter tables), chunks
+// of units (fixed by the sizes), per-block shares of chunks and element segments. Plain C++
+// shared by the kernels and a host binding, so the split is tested on machines without a GPU.
 #pragma once
 
 #include <c10/macros/Macros.h>
