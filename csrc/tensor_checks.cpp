@@ -92,8 +92,12 @@ namespace {
 void demote_shared_adoptions(const std::vector<std::optional<at::Tensor>>& grads, std::string& codes) {
   std::vector<std::pair<const void*, size_t>> adopted;
   for (size_t i = 0; i < codes.size(); ++i) {
-    if (codes[i] == static_cast<char>(kAdoptable) && grads[i]->numel() > 0) {
-      adopted.emplace_back(grads[i]->storage().data(), i);  // adoptable: storage offset 0, not a view
+    if (codes[i] != static_cast<char>(kAdoptable) || grads[i]->numel() == 0 || !grads[i]->has_storage()) {
+      continue;
+    }
+    const void* data = grads[i]->storage().data();  // adoptable: storage offset 0, not a view
+    if (data != nullptr) {  // meta tensors have no memory to share
+      adopted.emplace_back(data, i);
     }
   }
   std::sort(adopted.begin(), adopted.end());
