@@ -1,5 +1,6 @@
 """A small CUDA workload for compute-sanitizer: every op and a few optimizer cycles on odd
-sizes, misaligned views and every dtype (small, so memcheck/racecheck finish quickly)."""
+sizes, misaligned views and every dtype, plus lists that cross launch-table and norm-chunk
+edges (small, so memcheck/racecheck finish quickly)."""
 import torch
 
 import gradfuse
@@ -35,6 +36,20 @@ def run_ops():
                                       nesterov=True, grad_scale=0.25, max_norm=1.0)
 
 
+def run_multi_launch():
+    """800 tensors (two launches of the 4-list update) and one of 2.2M elements (norm chunks of
+    two units): the table-edge and chunk-edge paths of the launcher."""
+    sizes = [1 + i % 37 for i in range(800)] + [2_200_001]
+    params = [torch.randn(n, device="cuda") for n in sizes]
+    accs = [torch.randn(n, device="cuda") for n in sizes]
+    state = ops.new_norm_state("cuda")
+    ops.accumulate_(accs, [torch.randn(n, device="cuda") for n in sizes], 1.0, False, state, 2.0)
+    total = ops.finalize_norm_(state, torch.zeros((), dtype=torch.int64, device="cuda"), 2.0, 1.0, True)
+    buffers = [torch.zeros_like(p) for p in params]
+    flags = [torch.zeros((), dtype=torch.bool, device="cuda") for _ in params]
+    ops.clipped_sgd_step_(params, accs, buffers, flags, total, 0.01, momentum=0.9, max_norm=1.0)
+
+
 def run_optimizer():
     model = torch.nn.Sequential(torch.nn.Linear(33, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5)).cuda()
     opt = gradfuse.FusedAccumSGD(model.parameters(), lr=0.05, momentum=0.9, accumulation_steps=3,
@@ -49,5 +64,6 @@ def run_optimizer():
 if __name__ == "__main__":
     assert torch.cuda.is_available() and gradfuse.cuda_compiled, "needs a GPU and a CUDA build of gradfuse"
     run_ops()
+    run_multi_launch()
     run_optimizer()
     print("sanitizer workload finished")

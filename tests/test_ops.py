@@ -216,6 +216,42 @@ def test_clipped_sgd_step_matches_reference(device, gen, pair, config, clip, lr_
         assert all(bool(f) for f in flags), "momentum_initialized not set"
 
 
+@pytest.mark.parametrize("norm_type", [2.0, INF])
+def test_every_op_on_more_tensors_than_one_launch_holds(device, gen, norm_type):
+    # 1800 tensors exceed one CUDA parameter table at every list depth (1623 / 1159 / 737), so
+    # each op takes several launches; the 3M-element tensor makes the norm's chunks span several
+    # units (csrc/cuda/launch_plan.h). The CPU runs the same lists through its own chunking.
+    shapes = [(1 + i % 37,) for i in range(1800)] + [(3_000_001,)]
+    accs = [randn(s, F32, device, gen) for s in shapes]
+    grads = [randn(s, F32, device, gen) for s in shapes]
+    old = [a.clone() for a in accs]
+    state = norm_state(device)
+    ops.accumulate_(accs, grads, 0.5, False, state, norm_type)
+    expected = ref.accumulate(old, grads, 0.5, False, F32)
+    for i, (a, e) in enumerate(zip(accs, expected)):
+        assert_close(a, e, F32, f"accs[{i}]")
+    total = ops.finalize_norm_(state, torch.zeros((), dtype=torch.int64, device=device), norm_type, 1.0, True)
+    assert_scalar_close(total, ref.total_norm(expected, norm_type), F32, "norm fused into accumulate_")
+    assert_scalar_close(ops.global_norm(grads, norm_type), ref.total_norm(grads, norm_type), F32, "global_norm")
+
+    params = [randn(s, F32, device, gen) for s in shapes]
+    buffers = [randn(s, F32, device, gen) for s in shapes]
+    flags = [torch.tensor(i % 3 != 0, device=device) for i in range(len(shapes))]
+    old_params, old_buffers, old_flags = [p.clone() for p in params], [b.clone() for b in buffers], \
+        [bool(f) for f in flags]
+    norm = float(total)
+    ops.clipped_sgd_step_(params, accs, buffers, flags, total, 0.1, momentum=0.9, weight_decay=0.01,
+                          max_norm=0.5 * norm)
+    want_p, want_b, _ = ref.clipped_sgd_step(old_params, accs, old_buffers, old_flags, norm, lr=0.1, momentum=0.9,
+                                             dampening=0.0, weight_decay=0.01, nesterov=False, maximize=False,
+                                             grad_scale=1.0, max_norm=0.5 * norm, skip_nonfinite=True, dtype=F32)
+    for i in (0, 736, 737, 1158, 1159, 1622, 1623, len(shapes) - 1):  # both sides of every table edge
+        assert_close(params[i], want_p[i], F32, f"params[{i}]")
+        assert_close(buffers[i], want_b[i], F32, f"momentum_buffers[{i}]")
+    assert_close(torch.cat([p.flatten() for p in params]), torch.cat([w.flatten() for w in want_p]), F32, "params")
+    assert all(bool(f) for f in flags), "momentum_initialized not set on every tensor"
+
+
 @pytest.mark.parametrize("bad", [math.nan, INF], ids=["nan", "inf"])
 @pytest.mark.parametrize("pair", STEP_PAIRS, ids=pair_id)
 def test_clipped_sgd_step_skips_nonfinite_norm(device, gen, pair, bad):
