@@ -1,5 +1,6 @@
 // The gradfuse._C Python module: loading it registers the ops; it also exposes the
 // native gradient inspection the optimizer runs before touching any state.
+#include "direct_calls.h"
 #include "launch_plan_python.h"
 #include "tensor_checks.h"
 
@@ -38,12 +39,12 @@ class GradientInspector {
 
   // (index of the first unusable gradient or -1, reason, codes, the gradients as a list).
   py::tuple gather() const {
-    std::vector<std::optional<at::Tensor>> grads(params_.size());
+    std::vector<const at::Tensor*> grads(params_.size(), nullptr);  // owned by the parameters
     py::list out(params_.size());
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& grad = params_[i].unsafeGetTensorImpl()->grad();
       if (grad.defined()) {
-        grads[i] = grad;
+        grads[i] = &grad;
         out[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(grad));  // the same object p.grad gives
       } else {
         out[i] = py::none();
@@ -79,6 +80,7 @@ PYBIND11_MODULE(_C, m) {
            "list of the gradients)")
       .def("clear_grads", &GradientInspector::clear_grads, "Sets every parameter's .grad to None");
   gradfuse::bind_launch_plan(m);
+  gradfuse::bind_direct_calls(m);
 #ifdef GRADFUSE_WITH_CUDA
   m.attr("cuda_compiled") = true;
 #else

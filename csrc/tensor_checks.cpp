@@ -89,7 +89,7 @@ namespace {
 
 // Two slots holding one gradient storage (p2.grad = p1.grad) must not both become accumulators:
 // each later addition would land twice. Every holder after the first (by slot) is copied.
-void demote_shared_adoptions(const std::vector<std::optional<at::Tensor>>& grads, std::string& codes) {
+void demote_shared_adoptions(const std::vector<const at::Tensor*>& grads, std::string& codes) {
   std::vector<std::pair<const void*, size_t>> adopted;
   for (size_t i = 0; i < codes.size(); ++i) {
     if (codes[i] != static_cast<char>(kAdoptable) || grads[i]->numel() == 0 || !grads[i]->has_storage()) {
@@ -110,14 +110,13 @@ void demote_shared_adoptions(const std::vector<std::optional<at::Tensor>>& grads
 
 }  // namespace
 
-GradientReport inspect_gradients(const std::vector<at::Tensor>& params,
-                                 const std::vector<std::optional<at::Tensor>>& grads) {
+GradientReport inspect_gradients(const std::vector<at::Tensor>& params, const std::vector<const at::Tensor*>& grads) {
   GradientReport report;
   report.codes.assign(params.size(), static_cast<char>(kNoGradient));
   TORCH_CHECK_VALUE(params.size() == grads.size(), "inspect_gradients: ", params.size(), " params but ",
                     grads.size(), " gradients");
   for (size_t i = 0; i < params.size(); ++i) {
-    if (!grads[i].has_value() || !grads[i]->defined()) {
+    if (grads[i] == nullptr || !grads[i]->defined()) {
       continue;
     }
     const at::Tensor& p = params[i];

@@ -40,7 +40,7 @@ struct GradientReport {
   std::string reason;      // why it is unusable
   std::string codes;       // one GradientCode per parameter
 };
-GradientReport inspect_gradients(const std::vector<at::Tensor>& params,
-                                 const std::vector<std::optional<at::Tensor>>& grads);
+// grads[i]: parameter i's gradient, or nullptr when it has none.
+GradientReport inspect_gradients(const std::vector<at::Tensor>& params, const std::vector<const at::Tensor*>& grads);
 
 }  // namespace gradfuse

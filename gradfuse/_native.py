@@ -12,3 +12,4 @@ except ImportError as error:  # pragma: no cover - exercised only on an unbuilt 
 cuda_compiled = bool(_C.cuda_compiled)
 inspect_parameters = _C.inspect_parameters
 GradientInspector = _C.GradientInspector
+direct = _C.direct

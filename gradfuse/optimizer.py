@@ -6,8 +6,8 @@ from typing import Dict, List, Optional
 import torch
 from torch.optim import Optimizer
 
+from . import direct_ops, ops
 from . import hyperparameters as hp
-from . import ops
 from ._native import GradientInspector, inspect_parameters
 from .state_io import export_state, import_state
 
@@ -260,9 +260,9 @@ class FusedAccumSGD(Optimizer):
                     self._versions[s:e] = [g._version for g in grads[s:e]]
                 self._live[bi] = e - s
                 if norm_state is not None:
-                    ops.accumulate_norm_(norm_state, grads[s:e], self.norm_type)
+                    direct_ops.accumulate_norm_(norm_state, grads[s:e], self.norm_type)
             elif self._live[bi] == e - s and _NONE not in present:
-                ops.accumulate_(accs[s:e], grads[s:e], 1.0, False, norm_state, self.norm_type, scale)
+                direct_ops.accumulate_(accs[s:e], grads[s:e], 1.0, False, norm_state, self.norm_type, scale)
             else:
                 self._accumulate_mixed(bi, grads, codes, norm_state, scale, adopts)
 
@@ -289,11 +289,11 @@ class FusedAccumSGD(Optimizer):
             self._live[bi] += acc is None and g is not None
         for first, slots in ((True, fresh), (False, adding)):
             if slots:
-                ops.accumulate_([accs[k] for k in slots], [grads[k] for k in slots], 1.0, first, norm_state,
+                direct_ops.accumulate_([accs[k] for k in slots], [grads[k] for k in slots], 1.0, first, norm_state,
                                 self.norm_type, amp_scale)
         if norm_state is not None:
             for tensors in norm_only.values():
-                ops.accumulate_norm_(norm_state, tensors, self.norm_type)
+                direct_ops.accumulate_norm_(norm_state, tensors, self.norm_type)
 
     def _total_norm(self):
         """0-dim float64 norm of A over all devices, counted as skipped when non-finite."""
@@ -366,7 +366,7 @@ class FusedAccumSGD(Optimizer):
             lr = lr.item() if lr.device.type == "cpu" else lr.to(b.device)
         if b.device not in norm_on:
             norm_on[b.device] = total.to(b.device)
-        ops.clipped_sgd_step_(params, accs, buffers, flags, norm_on[b.device], lr, group["weight_decay"],
+        direct_ops.clipped_sgd_step_(params, accs, buffers, flags, norm_on[b.device], lr, group["weight_decay"],
                               group["momentum"], group["dampening"], group["nesterov"], group["maximize"],
                               1.0 / self.accumulation_steps, self.max_grad_norm, self._skips_nonfinite())
 
