@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 namespace gradfuse {
 
@@ -108,6 +107,28 @@ void demote_shared_adoptions(const std::vector<const at::Tensor*>& grads, std::s
   }
 }
 
+// Why gradient g cannot serve parameter p, or "" (a message is formatted only for a bad one: a
+// string stream per gradient would dominate a step over thousands of tensors).
+std::string gradient_problem(const at::Tensor& p, const at::Tensor& g) {
+  if (g.layout() != at::kStrided) {
+    return c10::str("has a ", g.layout(), " gradient; FusedAccumSGD supports dense gradients only");
+  }
+  if (g.scalar_type() != p.scalar_type()) {
+    return c10::str("has a gradient of dtype ", g.scalar_type(), " but the parameter is ", p.scalar_type());
+  }
+  if (g.device() != p.device()) {
+    return c10::str("has its gradient on ", g.device(), " but the parameter is on ", p.device());
+  }
+  if (g.sizes() != p.sizes()) {
+    return c10::str("has a gradient of shape ", g.sizes(), " but the parameter has shape ", p.sizes());
+  }
+  if (!g.is_non_overlapping_and_dense()) {
+    return c10::str("has a gradient that is not dense in memory (strides ", g.strides(),
+                    "); FusedAccumSGD needs gradients laid out like their parameters");
+  }
+  return std::string();
+}
+
 }  // namespace
 
 GradientReport inspect_gradients(const std::vector<at::Tensor>& params, const std::vector<const at::Tensor*>& grads) {
@@ -121,22 +142,10 @@ GradientReport inspect_gradients(const std::vector<at::Tensor>& params, const st
     }
     const at::Tensor& p = params[i];
     const at::Tensor& g = *grads[i];
-    std::ostringstream why;
-    if (g.layout() != at::kStrided) {
-      why << "has a " << g.layout() << " gradient; FusedAccumSGD supports dense gradients only";
-    } else if (g.scalar_type() != p.scalar_type()) {
-      why << "has a gradient of dtype " << g.scalar_type() << " but the parameter is " << p.scalar_type();
-    } else if (g.device() != p.device()) {
-      why << "has its gradient on " << g.device() << " but the parameter is on " << p.device();
-    } else if (g.sizes() != p.sizes()) {
-      why << "has a gradient of shape " << g.sizes() << " but the parameter has shape " << p.sizes();
-    } else if (!g.is_non_overlapping_and_dense()) {
-      why << "has a gradient that is not dense in memory (strides " << g.strides()
-          << "); FusedAccumSGD needs gradients laid out like their parameters";
-    }
-    if (!why.str().empty()) {
+    const std::string why = gradient_problem(p, g);
+    if (!why.empty()) {
       report.bad_index = static_cast<int64_t>(i);
-      report.reason = why.str();
+      report.reason = why;
       return report;
     }
     GradientCode code = kAdoptable;
