@@ -68,11 +68,33 @@ class GradientInspector {
   std::vector<at::Tensor> params_;
 };
 
+// Index of the first tensor whose version counter moved from versions[i] (None: not watched),
+// or -1: one native pass instead of a Python attribute read per tensor.
+int64_t first_modified(const py::list& tensors, const py::list& versions) {
+  TORCH_CHECK_VALUE(tensors.size() == versions.size(), "first_modified: ", tensors.size(), " tensors for ",
+                    versions.size(), " versions");
+  for (size_t i = 0; i < versions.size(); ++i) {
+    PyObject* version = PyList_GET_ITEM(versions.ptr(), static_cast<Py_ssize_t>(i));
+    if (version == Py_None) {
+      continue;
+    }
+    PyObject* tensor = PyList_GET_ITEM(tensors.ptr(), static_cast<Py_ssize_t>(i));
+    TORCH_CHECK_TYPE(THPVariable_Check(tensor), "first_modified: tensors[", i, "] is not a tensor");
+    const c10::TensorImpl* impl = THPVariable_Unpack(tensor).unsafeGetTensorImpl();
+    if (static_cast<long long>(impl->version_counter().current_version()) != PyLong_AsLongLong(version)) {
+      return static_cast<int64_t>(i);
+    }
+  }
+  return -1;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gradfuse native ops (registered under torch.ops.gradfuse)";
   m.def("inspect_parameters", &inspect_parameters, "First unusable parameter as (index, reason)");
+  m.def("first_modified", &first_modified, py::arg("tensors"), py::arg("versions"),
+        "Index of the first tensor whose version counter differs from versions[i] (None: skipped), or -1");
   py::class_<GradientInspector>(m, "GradientInspector")
       .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
       .def("gather", &GradientInspector::gather,

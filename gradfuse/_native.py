@@ -11,5 +11,6 @@ except ImportError as error:  # pragma: no cover - exercised only on an unbuilt 
 
 cuda_compiled = bool(_C.cuda_compiled)
 inspect_parameters = _C.inspect_parameters
+first_modified = _C.first_modified
 GradientInspector = _C.GradientInspector
 direct = _C.direct

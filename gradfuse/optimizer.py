@@ -8,7 +8,7 @@ from torch.optim import Optimizer
 
 from . import direct_ops, ops
 from . import hyperparameters as hp
-from ._native import GradientInspector, inspect_parameters
+from ._native import GradientInspector, first_modified, inspect_parameters
 from .state_io import export_state, import_state
 
 
@@ -183,12 +183,12 @@ class FusedAccumSGD(Optimizer):
         once per cycle, at its last micro-batch, which is before any parameter changes)."""
         if self._micro_step == 0 or self._micro_step + 1 != self.accumulation_steps:
             return
-        for k, version in enumerate(self._versions):
-            if version is not None and self._accs[k]._version != version:
-                raise RuntimeError(
-                    f"FusedAccumSGD: the gradient of {self._describe(self._order[k])} was modified in place after "
-                    f"step() (for example by module.zero_grad(set_to_none=False)); FusedAccumSGD keeps it as the "
-                    f"cycle's accumulator. Use optimizer.zero_grad() or set_to_none=True between micro-batches.")
+        k = first_modified(self._accs, self._versions)
+        if k >= 0:
+            raise RuntimeError(
+                f"FusedAccumSGD: the gradient of {self._describe(self._order[k])} was modified in place after "
+                f"step() (for example by module.zero_grad(set_to_none=False)); FusedAccumSGD keeps it as the "
+                f"cycle's accumulator. Use optimizer.zero_grad() or set_to_none=True between micro-batches.")
 
     def _gather_gradients(self):
         """Gradients in slot order and their GradientCode bytes, validated before any change."""
