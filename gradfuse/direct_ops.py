@@ -27,9 +27,7 @@ def accumulate_norm_(norm_state, tensors, norm_type):
 
 def clipped_sgd_step_(params, grads, momentum_buffers, momentum_initialized, total_norm, lr, weight_decay, momentum,
                       dampening, nesterov, maximize, grad_scale, max_norm, skip_nonfinite):
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    lr_value = 0.0 if lr_tensor is not None else float(lr)
-    max_norm_value = 0.0 if max_norm is None else float(max_norm)
+    lr_tensor, lr_value, max_norm_value = ops.step_scalars(lr, max_norm)
     if not (_eager() and _direct.clipped_sgd_step_(
             params, grads, momentum_buffers, momentum_initialized, total_norm, lr_tensor, lr_value,
             float(weight_decay), float(momentum), float(dampening), bool(nesterov), bool(maximize),

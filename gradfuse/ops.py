@@ -50,12 +50,17 @@ def clipped_sgd_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     """One pass: clip factor min(1, max_norm / (total_norm + 1e-6)) and the non-finite skip
     decision from total_norm (on the device), then torch.optim.SGD's update with
     grads * grad_scale. lr is a float or a 1-element tensor on the params' device."""
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    lr_value = 0.0 if lr_tensor is not None else float(lr)
+    lr_tensor, lr_value, max_norm_value = step_scalars(lr, max_norm)
     torch.ops.gradfuse.clipped_sgd_step_(
         list(params), list(grads), list(momentum_buffers), list(momentum_initialized), total_norm, lr_tensor,
         lr_value, float(weight_decay), float(momentum), float(dampening), bool(nesterov), bool(maximize),
-        float(grad_scale), 0.0 if max_norm is None else float(max_norm), bool(skip_nonfinite))
+        float(grad_scale), max_norm_value, bool(skip_nonfinite))
+
+
+def step_scalars(lr, max_norm):
+    """The schema's (lr_tensor, lr, max_norm) for a float or tensor lr and an optional max_norm."""
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    return lr_tensor, 0.0 if lr_tensor is not None else float(lr), 0.0 if max_norm is None else float(max_norm)
 
 
 @torch.library.register_fake("gradfuse::accumulate_")
