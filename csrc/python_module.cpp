@@ -54,6 +54,21 @@ class GradientInspector {
     return py::make_tuple(report.bad_index, report.reason, py::bytes(report.codes), out);
   }
 
+  // p.grad = grads[i] for every entry that is not None (the optimizer hands its accumulators back as
+  // .grad; it guarantees matching dtype, shape and device), one native loop for 1000s of tensors.
+  void set_grads(const py::list& grads) const {
+    TORCH_CHECK_VALUE(grads.size() == params_.size(), "set_grads: ", grads.size(), " gradients for ",
+                      params_.size(), " parameters");
+    for (size_t i = 0; i < params_.size(); ++i) {
+      PyObject* grad = PyList_GET_ITEM(grads.ptr(), static_cast<Py_ssize_t>(i));
+      if (grad == Py_None) {
+        continue;
+      }
+      TORCH_CHECK_TYPE(THPVariable_Check(grad), "set_grads: grads[", i, "] is not a tensor");
+      params_[i].unsafeGetTensorImpl()->mutable_grad() = THPVariable_Unpack(grad);
+    }
+  }
+
   // p.grad = None for every parameter, without a Python attribute write per tensor.
   void clear_grads() const {
     for (const at::Tensor& p : params_) {
@@ -100,7 +115,9 @@ PYBIND11_MODULE(_C, m) {
       .def("gather", &GradientInspector::gather,
            "(index of the first unusable gradient or -1, reason, bytes of one GradientCode per parameter, "
            "list of the gradients)")
-      .def("clear_grads", &GradientInspector::clear_grads, "Sets every parameter's .grad to None");
+      .def("clear_grads", &GradientInspector::clear_grads, "Sets every parameter's .grad to None")
+      .def("set_grads", &GradientInspector::set_grads, py::arg("grads"),
+           "Sets parameter i's .grad to grads[i] wherever grads[i] is not None");
   gradfuse::bind_launch_plan(m);
   gradfuse::bind_direct_calls(m);
 #ifdef GRADFUSE_WITH_CUDA

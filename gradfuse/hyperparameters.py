@@ -7,7 +7,7 @@ import torch
 
 # Hyperparameters that apply to the whole optimizer (the global norm spans every group).
 OPTIMIZER_WIDE = ("accumulation_steps", "max_grad_norm", "norm_type", "skip_nonfinite", "error_if_nonfinite",
-                  "accum_dtype")
+                  "accum_dtype", "process_group")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -92,6 +92,18 @@ def check_accum_dtype(value):
     if value is not None and value not in SUPPORTED_DTYPES:
         raise ValueError(f"accum_dtype must be None or one of {SUPPORTED_DTYPES}, got {value}")
     return value
+
+
+def check_process_group(group):
+    """None, or the torch.distributed group over which plain (non-DTensor) parameters are sharded."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"process_group must be None or a torch.distributed.ProcessGroup (the ranks that each "
+                        f"own a disjoint part of the parameters), got {type(group).__name__}")
+    return group
 
 
 def accumulator_dtype(param_dtype, accum_dtype):

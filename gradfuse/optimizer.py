@@ -1,31 +1,41 @@
 """FusedAccumSGD: gradient accumulation + global-norm clipping + torch.optim.SGD in fused
 native passes, with the norm, clip factor and skip decision kept on the device."""
+import warnings
 from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from . import direct_ops, ops
 from . import hyperparameters as hp
 from ._native import GradientInspector, first_modified, inspect_parameters
+from .distributed_norm import all_reduce_norm_state_, is_dtensor, local_tensor, shard_groups
 from .state_io import export_state, import_state
 
 
 class _Bucket:
-    """Slots [start, stop) of the sorted parameter list sharing group, device and dtype."""
-    __slots__ = ("start", "stop", "group_index", "device", "acc_dtype", "adopts")
+    """Slots [start, stop) of the sorted parameter list sharing group, device, dtype and norm
+    domain (the process groups its norm partial is reduced over)."""
+    __slots__ = ("start", "stop", "group_index", "device", "acc_dtype", "adopts", "domain", "sharded")
 
-    def __init__(self, start, group_index, device, acc_dtype, adopts):
+    def __init__(self, start, group_index, device, acc_dtype, adopts, domain, sharded):
         self.start, self.stop = start, start + 1
         self.group_index, self.device, self.acc_dtype, self.adopts = group_index, device, acc_dtype, adopts
+        self.domain, self.sharded = domain, sharded  # domain: a key of FusedAccumSGD._domains
 
 
 # GradientCode values (csrc/tensor_checks.h) as the bytes GradientInspector.gather returns.
-_NONE, _ADOPT, _RELAYOUT = b"\x00", b"\x01", b"\x03"
+_NONE, _ADOPT, _COPY, _RELAYOUT = b"\x00", b"\x01", b"\x02", b"\x03"
 
-_NO_GRADIENT = ("step() was called but no parameter has a gradient: call backward() before step() "
-                "(FusedAccumSGD.step() is called once per micro-batch)")
+_NO_GRADIENT = ("a whole accumulation cycle passed without any gradient, so nothing was updated (as "
+                "torch.optim.SGD.step() does without gradients); call backward() before step()")
+
+
+def _distributed():
+    """More than one process in the default group: the ranks' gradients are communicated."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class FusedAccumSGD(Optimizer):
@@ -46,18 +56,19 @@ class FusedAccumSGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, accumulation_steps=1, max_grad_norm=None, norm_type=2.0, skip_nonfinite=True,
-                 error_if_nonfinite=False, accum_dtype=None):
+                 error_if_nonfinite=False, accum_dtype=None, process_group=None):
         self.accumulation_steps = hp.check_accumulation_steps(accumulation_steps)
         self.max_grad_norm = hp.check_max_grad_norm(max_grad_norm)
         self.norm_type = hp.check_norm_type(norm_type)
         self.skip_nonfinite = hp.check_flag("skip_nonfinite", skip_nonfinite)
         self.error_if_nonfinite = hp.check_flag("error_if_nonfinite", error_if_nonfinite)
         self.accum_dtype = hp.check_accum_dtype(accum_dtype)
+        self.process_group = hp.check_process_group(process_group)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
         hp.check_group(defaults)
         self._reset_cycle_state()
-        self._norm_states: Dict[torch.device, torch.Tensor] = {}
+        self._norm_states: Dict[tuple, torch.Tensor] = {}  # by (device, norm domain)
         self._unused_norm: Dict[torch.device, torch.Tensor] = {}  # stands in when no norm is needed
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._skipped_steps: Optional[torch.Tensor] = None
@@ -113,7 +124,17 @@ class FusedAccumSGD(Optimizer):
         entries = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]]
         self._params: List[torch.Tensor] = [p for _, p in entries]  # state_dict order
         self._group_of = [gi for gi, _ in entries]
-        keys = [(gi, str(p.device), str(p.dtype)) for gi, p in entries]
+        # Norm domains: the same key on every rank (placements, not object ids), so every rank
+        # runs the same collectives in the same order and merges the partials identically.
+        self._domains = {"": (self.process_group,) if self.process_group is not None else ()}
+        domain_of = []
+        for i, p in enumerate(self._params):
+            key = ""
+            if is_dtensor(p):
+                key = f"mesh{p.device_mesh.mesh_dim_names or p.device_mesh.ndim}:{p.placements}"
+                self._domains[key] = shard_groups(p, f"FusedAccumSGD: parameter {i}")
+            domain_of.append(key)
+        keys = [(gi, str(p.device), str(p.dtype), domain_of[i]) for i, (gi, p) in enumerate(entries)]
         self._order = sorted(range(len(entries)), key=lambda i: keys[i])  # sorted slot -> param index
         self._sorted = [self._params[i] for i in self._order]
         self._inspector = GradientInspector(self._sorted)
@@ -122,8 +143,10 @@ class FusedAccumSGD(Optimizer):
             if not self._buckets or keys[self._order[k - 1]] != keys[i]:
                 p = self._params[i]
                 acc_dtype = hp.accumulator_dtype(p.dtype, self.accum_dtype)
-                self._buckets.append(_Bucket(k, keys[i][0], p.device, acc_dtype, acc_dtype == p.dtype))
+                self._buckets.append(_Bucket(k, keys[i][0], p.device, acc_dtype, acc_dtype == p.dtype, keys[i][3],
+                                             is_dtensor(p)))
             self._buckets[-1].stop = k + 1
+        self._has_sharded = any(b.sharded for b in self._buckets)
         self._remap_slot_state()
 
     def _remap_slot_state(self):
@@ -138,6 +161,7 @@ class FusedAccumSGD(Optimizer):
         self._owned = carry(getattr(self, "_owned", []))
         self._buffers = carry(getattr(self, "_buffers", []))
         self._flags = carry(getattr(self, "_flags", []))
+        self._handed = carry(getattr(self, "_handed", []))
         self._live = [sum(a is not None for a in self._accs[b.start:b.stop]) for b in self._buckets]
         self._momentum_ready = [all(f is not None for f in self._flags[b.start:b.stop]) for b in self._buckets]
         self._slot_params = self._sorted
@@ -156,10 +180,12 @@ class FusedAccumSGD(Optimizer):
         by a fresh zero tensor instead of being zeroed in place (set_to_none=False)."""
         if set_to_none:
             self._inspector.clear_grads()  # one native loop: cheap for thousands of tensors
+            if self._handed_back:  # the last micro-batch of the cycle must add into the accumulators
+                self._inspector.set_grads(self._handed_grads())
             return
         for k, p in enumerate(self._sorted):
             grad = p.grad
-            if grad is None:
+            if grad is None or (self._handed[k] is not None and grad is self._accs[k]):
                 continue
             if self._versions[k] is not None and grad is self._accs[k]:
                 p.grad = torch.zeros_like(grad)
@@ -176,6 +202,9 @@ class FusedAccumSGD(Optimizer):
         self._amp_cycle = False  # a GradScaler step took part in this cycle
         self._accs: List[Optional[torch.Tensor]] = [None] * n  # this cycle's raw gradient sums
         self._versions: List[Optional[int]] = [None] * n  # version of an adopted p.grad, None if owned
+        self._handed: List[Optional[int]] = [None] * n  # version of an accumulator handed back as .grad
+        self._handed_back = False
+        self._had_gradient = False  # some micro-batch of this cycle had a gradient
         self._live = [0] * len(getattr(self, "_buckets", []))  # accumulators alive per bucket
 
     def _check_adopted_untouched(self):
@@ -195,16 +224,55 @@ class FusedAccumSGD(Optimizer):
         bad, reason, codes, grads = self._inspector.gather()
         if bad >= 0:
             raise RuntimeError(f"FusedAccumSGD: {self._describe(self._order[bad])} {reason}")
-        if codes.count(_NONE) == len(codes):
-            raise RuntimeError(f"FusedAccumSGD: {_NO_GRADIENT}")
+        if self._has_sharded:
+            codes = self._local_shards_of(grads, codes)
         if _RELAYOUT in codes:  # rare: a dense gradient laid out unlike its parameter
             codes = bytearray(codes)
             for k, code in enumerate(codes):
                 if code == _RELAYOUT[0]:
-                    grads[k] = torch.empty_like(self._sorted[k]).copy_(grads[k])
+                    grads[k] = torch.empty_like(local_tensor(self._sorted[k])).copy_(grads[k])
                     codes[k] = _ADOPT[0]
             codes = bytes(codes)
         return grads, codes
+
+    def _local_shards_of(self, grads, codes):
+        """DTensor gradients -> their local shards (what the kernels update), checked against
+        the parameter's placements; codes recomputed for the shard (FSDP2's are views)."""
+        codes = bytearray(codes)
+        for b in self._buckets:
+            if not b.sharded:
+                continue
+            for k in range(b.start, b.stop):
+                g, p = grads[k], self._sorted[k]
+                if g is None:
+                    continue
+                if not is_dtensor(g) or g.device_mesh != p.device_mesh or g.placements != p.placements:
+                    where = f"placements {g.placements}" if is_dtensor(g) else "a plain tensor"
+                    raise RuntimeError(f"FusedAccumSGD: {self._describe(self._order[k])} is a DTensor with "
+                                       f"placements {p.placements} but its gradient is {where}; gradfuse needs "
+                                       f"gradients sharded like their parameters")
+                shard, own = g._local_tensor, local_tensor(p)
+                if shard.shape != own.shape or shard.dtype != own.dtype:
+                    raise RuntimeError(f"FusedAccumSGD: {self._describe(self._order[k])}: local gradient shard "
+                                       f"{shard.dtype}{tuple(shard.shape)} does not match the parameter's local "
+                                       f"shard {own.dtype}{tuple(own.shape)}")
+                grads[k] = shard
+                if shard.numel() > 1 and shard.stride() != own.stride():
+                    codes[k] = _RELAYOUT[0]
+                elif shard._is_view() or shard.requires_grad or shard.storage_offset() != 0:
+                    codes[k] = _COPY[0]  # FSDP2's shards are views of its reduce-scatter output
+                else:
+                    codes[k] = _ADOPT[0]
+        return bytes(codes)
+
+    def _kernel_params(self, slots):
+        """The tensors the kernels update for these slots: DTensor parameters by their local
+        shard, read anew (FSDP2 may rebind it after the optimizer was built)."""
+        if isinstance(slots, range):
+            params = self._sorted[slots.start:slots.stop]
+        else:
+            params = [self._sorted[k] for k in slots]
+        return [local_tensor(p) for p in params] if self._has_sharded else params
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -223,17 +291,84 @@ class FusedAccumSGD(Optimizer):
         # An AMP micro-batch with inf/nan gradients makes A non-finite: such cycles are always skipped.
         self._amp_cycle = self._amp_cycle or amp_scale is not None or getattr(self, "found_inf", None) is not None
         boundary = self._micro_step + 1 == self.accumulation_steps
+        if self._handed_back:
+            codes = self._take_back(grads, codes)
+        self._had_gradient = self._had_gradient or codes.count(_NONE) != len(codes)
         self._accumulate(grads, codes, boundary, amp_scale)
         if boundary:
             self._finish_cycle()
         else:
             self._micro_step += 1
+            if self._micro_step + 1 == self.accumulation_steps:
+                self._hand_back()
         return loss
 
-    def _norm_state(self, device):
-        state = self._norm_states.get(device)
+    # ------------------------------------------------------------------ the last micro-batch
+    def _hand_back(self):
+        """Before the cycle's last backward, each accumulator becomes .grad again: autograd adds
+        the last micro-batch into it in place, so DistributedDataParallel, leaving no_sync() for
+        that backward, all-reduces the whole cycle's sum once (and overlaps it with the backward).
+        DTensor (FSDP2) shards are not handed back: FSDP2 reduces every gradient it produces.
+        Under GradScaler the accumulators are unscaled while the new gradient is scaled: kept."""
+        if self._amp_cycle:
+            return
+        rounds = _distributed()  # half-precision sums go back in the parameter dtype only when reduced
+        grads = [None] * len(self._sorted)
+        for b in self._buckets:
+            if b.sharded:
+                continue
+            for k in range(b.start, b.stop):
+                acc, p = self._accs[k], self._sorted[k]
+                if acc is None:
+                    continue
+                if acc.dtype != p.dtype:
+                    if not rounds:
+                        continue
+                    acc = self._accs[k] = acc.to(p.dtype)  # DDP communicates in the parameter dtype anyway
+                grads[k] = acc
+                self._versions[k] = None  # autograd will add into it: no longer watched as untouched
+                self._handed[k] = acc._version
+        if any(g is not None for g in grads):
+            self._handed_back = True
+            self._inspector.set_grads(grads)
+
+    def _handed_grads(self):
+        return [acc if v is not None else None for acc, v in zip(self._accs, self._handed)]
+
+    def _take_back(self, grads, codes):
+        """At the last micro-batch: where .grad is the handed-back accumulator (or DDP's bucket
+        view of it, reduced), it is the whole cycle's sum; where it was replaced before the
+        backward (module.zero_grad()), the new gradient is added as usual."""
+        codes = bytearray(codes)
+        watch = not _distributed()  # alone, only autograd's one in-place add may touch it
+        for k, version in enumerate(self._handed):
+            if version is None:
+                continue
+            acc, g = self._accs[k], grads[k]
+            if g is acc:
+                if watch and acc._version > version + 1:
+                    raise RuntimeError(
+                        f"FusedAccumSGD: the gradient of {self._describe(self._order[k])} was modified in place "
+                        f"before the cycle's last backward (for example by module.zero_grad(set_to_none=False)); it "
+                        f"holds the sum of the cycle's earlier micro-batches. Use optimizer.zero_grad().")
+            elif acc._version != version and g is not None:
+                acc.copy_(g)  # DDP (gradient_as_bucket_view) rebound .grad to its bucket: the reduced sum
+            elif acc._version != version:
+                raise RuntimeError(
+                    f"FusedAccumSGD: the gradient of {self._describe(self._order[k])} held the cycle's running sum "
+                    f"and was changed, then removed, before step(); the cycle's earlier micro-batches are lost")
+            else:
+                continue  # .grad was replaced before the last backward: add the new gradient
+            grads[k] = None
+            codes[k] = _NONE[0]
+        return bytes(codes)
+
+    def _norm_state(self, device, domain=""):
+        """The running norm partial of one device and norm domain (reduced over the domain's
+        process groups at the end of the cycle)."""
+        state = self._norm_states.get((device, domain))
         if state is None:
-            state = self._norm_states[device] = ops.new_norm_state(device)
+            state = self._norm_states[(device, domain)] = ops.new_norm_state(device)
         return state
 
     def _accumulate(self, grads, codes, boundary, amp_scale):
@@ -244,7 +379,7 @@ class FusedAccumSGD(Optimizer):
         scales = {}
         for bi, b in enumerate(self._buckets):
             s, e = b.start, b.stop
-            norm_state = self._norm_state(b.device) if with_norm else None
+            norm_state = self._norm_state(b.device, b.domain) if with_norm else None
             present = codes[s:e]
             scale = None
             if amp_scale is not None:  # scaled gradients must pass through a kernel: no adoption
@@ -254,7 +389,10 @@ class FusedAccumSGD(Optimizer):
             # A gradient becomes the accumulator itself (no copy; 1/K is folded into the update)
             # when no addition follows in its dtype: always at fp32/fp64, at the boundary for fp16/bf16.
             adopts = scale is None and (b.adopts or boundary)
-            if adopts and self._live[bi] == 0 and present == _ADOPT * (e - s):
+            if self._live[bi] == e - s and present == _NONE * (e - s):  # complete (handed back) or absent
+                if norm_state is not None:
+                    direct_ops.accumulate_norm_(norm_state, accs[s:e], self.norm_type)
+            elif adopts and self._live[bi] == 0 and present == _ADOPT * (e - s):
                 accs[s:e] = grads[s:e]
                 if keep_versions:
                     self._versions[s:e] = [g._version for g in grads[s:e]]
@@ -283,7 +421,7 @@ class FusedAccumSGD(Optimizer):
                 norm_only[g.dtype].append(g)
             else:
                 if self._owned[k] is None:  # kept across cycles: first=True overwrites it
-                    self._owned[k] = torch.empty_like(self._sorted[k], dtype=b.acc_dtype)
+                    self._owned[k] = torch.empty_like(local_tensor(self._sorted[k]), dtype=b.acc_dtype)
                 accs[k] = self._owned[k]
                 fresh.append(k)
             self._live[bi] += acc is None and g is not None
@@ -300,9 +438,15 @@ class FusedAccumSGD(Optimizer):
         scale = 1.0 / self.accumulation_steps
         count = self._skips_nonfinite() or self.error_if_nonfinite
         primary = self.skipped_steps.device
+        for b in self._buckets:  # every rank runs every domain's collective, gradients or not
+            self._norm_state(b.device, b.domain)
         state = self._norm_state(primary)
-        for device, other in self._norm_states.items():
-            if device != primary:  # several devices: merge the raw states (a copy that syncs on CPU+CUDA)
+        keys = sorted(self._norm_states, key=lambda key: (str(key[0]), key[1]))  # one order on every rank
+        for key in keys:
+            all_reduce_norm_state_(self._norm_states[key], self._domains[key[1]], self.norm_type)
+        for key in keys:
+            other = self._norm_states[key]
+            if key != (primary, ""):  # merge the raw states (a copy that syncs on CPU+CUDA)
                 moved = other.to(primary)
                 if self.norm_type == float("inf"):
                     state[:1].copy_(torch.maximum(state[:1], moved[:1]))  # maximum keeps NaN
@@ -317,6 +461,9 @@ class FusedAccumSGD(Optimizer):
         return self.max_grad_norm is not None or self._skips_nonfinite() or self.error_if_nonfinite
 
     def _finish_cycle(self):
+        if not self._had_gradient and not getattr(self, "_warned_empty_cycle", False):
+            self._warned_empty_cycle = True
+            warnings.warn(f"FusedAccumSGD: {_NO_GRADIENT}", stacklevel=3)
         if self._needs_norm():
             total = self.last_grad_norm = self._total_norm()
         else:  # plain accumulation + SGD: no norm pass; the update reads a constant 0 norm
@@ -354,10 +501,11 @@ class FusedAccumSGD(Optimizer):
     def _update(self, bi, slots, total, norm_on):
         """One clipped_sgd_step_ call over the given slots of bucket bi."""
         b = self._buckets[bi]
+        params = self._kernel_params(slots)
         if isinstance(slots, range):
-            params, accs = self._sorted[slots.start:slots.stop], self._accs[slots.start:slots.stop]
+            accs = self._accs[slots.start:slots.stop]
         else:
-            params, accs = [self._sorted[k] for k in slots], [self._accs[k] for k in slots]
+            accs = [self._accs[k] for k in slots]
         group = self.param_groups[b.group_index]
         buffers, flags = self._momentum_state(bi, slots) if group["momentum"] != 0 else ([], [])
         lr = group["lr"]
@@ -388,8 +536,10 @@ class FusedAccumSGD(Optimizer):
                     self._buffers[k], self._flags[k] = state["momentum_buffer"], state["momentum_initialized"]
             self._momentum_ready[bucket_index] = True
         if isinstance(slots, range):
-            return self._buffers[slots.start:slots.stop], self._flags[slots.start:slots.stop]
-        return [self._buffers[k] for k in slots], [self._flags[k] for k in slots]
+            buffers, flags = self._buffers[slots.start:slots.stop], self._flags[slots.start:slots.stop]
+        else:
+            buffers, flags = [self._buffers[k] for k in slots], [self._flags[k] for k in slots]
+        return ([local_tensor(t) for t in buffers] if bucket.sharded else buffers), flags
 
     def _restore_cycle(self, micro_step, accumulators):
         """Reinstalls a saved cycle: raw accumulator sums by parameter index (as owned copies)."""
@@ -399,10 +549,13 @@ class FusedAccumSGD(Optimizer):
             for k in range(b.start, b.stop):
                 saved = accumulators.get(self._order[k])
                 if saved is not None:
-                    restored = torch.empty_like(self._sorted[k], dtype=b.acc_dtype).copy_(saved)
+                    restored = torch.empty_like(local_tensor(self._sorted[k]), dtype=b.acc_dtype).copy_(saved)
                     self._owned[k] = self._accs[k] = restored
                     self._live[bi] += 1
         self._micro_step = micro_step if slot_of else 0
+        self._had_gradient = any(a is not None for a in self._accs)
+        if self._micro_step > 0 and self._micro_step + 1 == self.accumulation_steps:
+            self._hand_back()  # as the saving run did after this micro-step
 
     def _sync_momentum_cache(self):
         """Points the slot caches at the tensors in self.state (after load_state_dict)."""
@@ -424,9 +577,11 @@ class FusedAccumSGD(Optimizer):
 
 
 def _check_no_shared_memory(params):
-    """Parameters must not share memory: one update pass would write the same bytes twice."""
-    spans = sorted((str(p.device), p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), i)
-                   for i, p in enumerate(params) if p.numel() > 0)
+    """Parameters must not share memory: one update pass would write the same bytes twice. A
+    DTensor is checked by its local shard (its own data_ptr() is not the memory it updates)."""
+    locals_ = [(local_tensor(p), i) for i, p in enumerate(params)]
+    spans = sorted((str(t.device), t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
+                   for t, i in locals_ if t.numel() > 0)
     for (dev_a, _, end_a, i), (dev_b, start_b, _, j) in zip(spans, spans[1:]):
         if dev_a == dev_b and start_b < end_a:
             raise ValueError(f"parameters {min(i, j)} and {max(i, j)} share memory (views of one tensor?); "

@@ -6,6 +6,7 @@ import copy
 import torch
 
 from . import hyperparameters as hp
+from .distributed_norm import local_tensor
 
 FORMAT_VERSION = 1
 _SGD_GROUP_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
@@ -115,7 +116,7 @@ def _validate(opt, state_dict):
     for index, acc in accumulators.items():
         if not isinstance(index, int) or not 0 <= index < len(params):
             _fail(f"an accumulator names parameter {index!r}, but there are {len(params)} parameters")
-        _check_tensor_for(f"the accumulator of parameter {index}", acc, params[index])
+        _check_tensor_for(f"the accumulator of parameter {index}", acc, local_tensor(params[index]))  # per rank
     skipped = extra["skipped_steps"]
     if not isinstance(skipped, torch.Tensor) or skipped.numel() != 1 or skipped.is_floating_point():
         _fail("skipped_steps must be a 1-element integer tensor")

@@ -125,10 +125,39 @@ def test_param_without_grad_in_whole_cycle_is_untouched(device, gen):
     assert 1 not in opt.state_dict()["state"], "SGD would have no momentum buffer for it"
 
 
-def test_step_without_any_gradient_raises(device, gen):
-    opt = FusedAccumSGD([randn((3,), F32, device, gen)], lr=0.1)
-    with pytest.raises(RuntimeError, match="no parameter has a gradient"):
+def test_micro_batch_without_any_gradient_counts_toward_k(device, gen):
+    # MoE experts without tokens, frozen phases, FSDP2 without gradient sync: a missing gradient is zero.
+    p = randn((5,), F64, device, gen)
+    p0 = p.clone()
+    g1, g3 = randn((5,), F64, device, gen), randn((5,), F64, device, gen)
+    opt = FusedAccumSGD([p], lr=0.1, accumulation_steps=3, max_grad_norm=0.05)
+    for g in (g1, None, g3):
+        p.grad = None if g is None else g.clone()
         opt.step()
+        opt.zero_grad()
+    mean = (g1 + g3) / 3
+    expected = p0 - 0.1 * mean * min(1.0, 0.05 / (float(mean.norm()) + 1e-6))
+    assert_close(p, expected, F64, "micro-batch 2 had no gradient and must count as zero")
+    assert opt.micro_step == 0
+
+
+def test_cycle_without_any_gradient_updates_nothing_and_warns_once(device, gen):
+    p = randn((3,), F32, device, gen)
+    p0 = p.clone()
+    opt = FusedAccumSGD([p], lr=0.1, momentum=0.9, weight_decay=0.1, accumulation_steps=2, max_grad_norm=1.0)
+    with pytest.warns(UserWarning, match="without any gradient"):
+        opt.step()
+        opt.step()
+    assert_bitwise(p, p0, "a cycle without gradients must not decay or move the parameter")
+    assert float(opt.last_grad_norm) == 0.0 and opt.micro_step == 0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per optimizer, not once per cycle
+        opt.step()
+        opt.step()
+    p.grad = randn((3,), F32, device, gen)
+    opt.step()
+    assert opt.micro_step == 1, "training goes on normally afterwards"
 
 
 # ------------------------------------------------------------------ vs torch.optim.SGD on a real model
@@ -479,7 +508,7 @@ def test_adopted_gradient_zeroed_in_place_is_reported_before_the_update(device):
         nn.functional.mse_loss(model(x), y).backward()
         if i == 2:
             before = [p.detach().clone() for p in model.parameters()]
-            with pytest.raises(RuntimeError, match="modified in place after step"):
+            with pytest.raises(RuntimeError, match="modified in place"):
                 opt.step()
             assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         else:
@@ -510,7 +539,7 @@ def test_zero_grad_sets_every_gradient_to_none(device, gen):
     # Native loop over every group (including one added later); the gradient tensors themselves
     # are left as they are (one may be this cycle's accumulator).
     a, b, c = (nn.Parameter(randn((4,), F32, device, gen)) for _ in range(3))
-    opt = FusedAccumSGD([a, b], lr=0.1, accumulation_steps=2)
+    opt = FusedAccumSGD([a, b], lr=0.1, accumulation_steps=3)
     opt.add_param_group(dict(params=[c], lr=0.2))
     grads = [randn((4,), F32, device, gen) for _ in range(3)]
     kept = [g.clone() for g in grads]
@@ -522,3 +551,21 @@ def test_zero_grad_sets_every_gradient_to_none(device, gen):
     opt.step()
     opt.zero_grad()
     assert all(p.grad is None for p in (a, b, c))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_accumulators_are_handed_back_before_the_last_micro_batch(device, gen, set_to_none):
+    # After micro-step K-1, .grad is the cycle's running sum (as in a plain accumulation loop), so
+    # the last backward adds into it and DDP reduces the whole sum; zero_grad() keeps it there.
+    a, b = (nn.Parameter(randn((4,), F32, device, gen)) for _ in range(2))
+    opt = FusedAccumSGD([a, b], lr=0.1, accumulation_steps=3)
+    g1, g2 = [randn((4,), F32, device, gen) for _ in range(2)], [randn((4,), F32, device, gen) for _ in range(2)]
+    a.grad, b.grad = g1[0].clone(), g1[1].clone()
+    opt.step()
+    opt.zero_grad(set_to_none=set_to_none)
+    a.grad = g2[0].clone()  # b has no gradient in micro-batch 2
+    opt.step()
+    opt.zero_grad(set_to_none=set_to_none)
+    assert opt.sync_gradients
+    assert_bitwise(a.grad, g1[0] + g2[0], "a's .grad must hold micro-batches 1 + 2")
+    assert_bitwise(b.grad, g1[1], "b's .grad must hold micro-batch 1")

@@ -1,0 +1,223 @@
+"""Process bodies of the multi-process tests (gloo, CPU): each trains a small float64 model with
+FusedAccumSGD under a real torch.distributed wrapper and checks it against a single-process run
+of the full model on the concatenated batch, inside every rank. Failures raise in the rank."""
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradfuse import FusedAccumSGD
+
+ROWS_PER_RANK = 3
+CYCLES = 3
+K = 4
+HYPER = dict(lr=0.2, momentum=0.9, weight_decay=0.01, accumulation_steps=K, max_grad_norm=0.05)
+
+
+DEVICE = torch.device("cpu")  # set per process by entry(): cpu on gloo, the rank's GPU on nccl
+
+
+def make_model():
+    torch.manual_seed(1234)
+    return nn.Sequential(nn.Linear(5, 13), nn.Tanh(), nn.Linear(13, 3)).double().to(DEVICE)
+
+
+def micro_batches():
+    """The full (all ranks') micro-batches of every cycle, the same in every process."""
+    gen = torch.Generator().manual_seed(99)
+    rows = ROWS_PER_RANK * dist.get_world_size()
+    return [(torch.randn(rows, 5, generator=gen, dtype=torch.float64).to(DEVICE),
+             torch.randn(rows, 3, generator=gen, dtype=torch.float64).to(DEVICE)) for _ in range(CYCLES * K)]
+
+
+def rank_rows(batch, rank, ranks):
+    x, y = batch
+    per = x.shape[0] // ranks
+    return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+
+
+def reference_params(batches, **hyper):
+    """Single-process FusedAccumSGD on the full model and the concatenated micro-batches."""
+    model = make_model()
+    opt = FusedAccumSGD(model.parameters(), **dict(HYPER, **hyper))
+    norms = []
+    for x, y in batches:
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if opt.micro_step == 0:
+            norms.append(float(opt.last_grad_norm))
+    return [p.detach().clone() for p in model.parameters()], norms
+
+
+def check_close(actual, expected, what, tol=1e-10):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        err = (a - e).abs().max().item() if a.numel() else 0.0
+        if not err <= tol:
+            raise AssertionError(f"{what}: parameter {i} is {err:.3e} off the single-process reference")
+
+
+def check_same_on_every_rank(tensors, what):
+    """Bitwise equality of the ranks' tensors (all_gather, then compare the raw bytes)."""
+    for i, t in enumerate(tensors):
+        gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, t.contiguous())
+        for r, other in enumerate(gathered):
+            if not torch.equal(other.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)):
+                raise AssertionError(f"{what}: parameter {i} differs between rank {dist.get_rank()} and rank {r}")
+
+
+def ddp_no_sync(rank, ranks, use_no_sync, bucket_view):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    batches = micro_batches()
+    expected, expected_norms = reference_params(batches)
+    model = DDP(make_model(), gradient_as_bucket_view=bucket_view)
+    reductions = []
+
+    def counting_hook(state, bucket):  # DDP's own all-reduce, counted
+        reductions.append(bucket.index())
+        return allreduce_hook(state, bucket)
+    model.register_comm_hook(None, counting_hook)
+    opt = FusedAccumSGD(model.parameters(), **HYPER)
+    norms = []
+    for batch in batches:
+        x, y = rank_rows(batch, rank, ranks)
+        if use_no_sync and not opt.sync_gradients:
+            with model.no_sync():
+                nn.functional.mse_loss(model(x), y).backward()
+        else:
+            nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if opt.micro_step == 0:
+            norms.append(float(opt.last_grad_norm))
+    params = [p.detach() for p in model.parameters()]
+    check_close(params, expected, "DDP")
+    check_same_on_every_rank(params, "DDP")
+    if max(abs(a - b) for a, b in zip(norms, expected_norms)) > 1e-12:
+        raise AssertionError(f"DDP norms {norms} != single-process {expected_norms}")
+    buckets = len(set(reductions))
+    expected_reductions = CYCLES * buckets * (1 if use_no_sync else K)
+    if len(reductions) != expected_reductions:
+        raise AssertionError(f"{len(reductions)} bucket all-reduces for {CYCLES} cycles of {buckets} buckets; "
+                             f"expected {expected_reductions}")
+
+
+def fsdp2(rank, ranks, mesh_shape, sync_every_micro_batch):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    batches = micro_batches()
+    expected, expected_norms = reference_params(batches)
+    mesh = init_device_mesh(DEVICE.type, mesh_shape, mesh_dim_names=("replicate", "shard")[-len(mesh_shape):])
+    model = make_model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = FusedAccumSGD(model.parameters(), **HYPER)
+    norms, torch_norms = [], []
+    for batch in batches:
+        x, y = rank_rows(batch, rank, ranks)
+        model.set_requires_gradient_sync(sync_every_micro_batch or opt.sync_gradients)
+        nn.functional.mse_loss(model(x), y).backward()
+        if opt.sync_gradients:  # torch's clip on the same sharded gradients, for comparison
+            total = nn.utils.get_total_norm([p.grad for p in model.parameters()], 2.0)
+            total = total.full_tensor() if hasattr(total, "full_tensor") else total
+            torch_norms.append(float(total) / (1 if sync_every_micro_batch else K))
+        opt.step()
+        opt.zero_grad()
+        if opt.micro_step == 0:
+            norms.append(float(opt.last_grad_norm))
+    full = [p.full_tensor().detach() for p in model.parameters()]
+    check_close(full, expected, f"FSDP2 mesh {mesh_shape}")
+    if max(abs(a - b) for a, b in zip(norms, expected_norms)) > 1e-12:
+        raise AssertionError(f"FSDP2 norms {norms} != single-process {expected_norms}")
+    if not sync_every_micro_batch and max(abs(a - b) for a, b in zip(norms, torch_norms)) > 1e-12:
+        raise AssertionError(f"FSDP2 norms {norms} != torch's get_total_norm of the same shards {torch_norms}")
+
+
+def manual_sharding(rank, ranks):
+    """ZeRO-style: every rank sees the full gradients but updates only its own parameters;
+    process_group makes the clipping norm global."""
+    batches = micro_batches()
+    expected, expected_norms = reference_params(batches)
+    model = make_model()
+    params = list(model.parameters())
+    owned = [i for i in range(len(params)) if i % ranks == rank]
+    opt = FusedAccumSGD([params[i] for i in owned], process_group=dist.group.WORLD, **HYPER)
+    norms = []
+    for x, y in batches:
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        model.zero_grad()
+        if opt.micro_step == 0:
+            norms.append(float(opt.last_grad_norm))
+            for i, p in enumerate(params):  # each owner shares its updated parameters, as ZeRO does
+                dist.broadcast(p.data, src=i % ranks)
+    check_close([params[i].detach() for i in owned], [expected[i] for i in owned], "process_group sharding")
+    if max(abs(a - b) for a, b in zip(norms, expected_norms)) > 1e-12:
+        raise AssertionError(f"sharded norms {norms} != full-model norms {expected_norms}")
+
+
+def resume_mid_cycle(rank, ranks, wrapper):
+    """A per-rank checkpoint after micro-step K-1 (accumulators handed back as .grad) resumes
+    bit-identically under DDP + no_sync, or FSDP2 (sharded accumulators)."""
+    batches = micro_batches()
+
+    def build():
+        model = make_model()
+        if wrapper == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            return model, DDP(model)
+        from torch.distributed.fsdp import fully_shard
+        return model, fully_shard(model)
+
+    def train(model, wrapped, opt, chunk):
+        for batch in chunk:
+            x, y = rank_rows(batch, rank, ranks)
+            if wrapper == "ddp" and not opt.sync_gradients:
+                with wrapped.no_sync():
+                    nn.functional.mse_loss(wrapped(x), y).backward()
+            else:  # FSDP2 reduce-scatters every micro-batch here: without gradient sync, the pending
+                # micro-batches would live in FSDP2's unsharded gradients, which no optimizer checkpoint holds
+                nn.functional.mse_loss(wrapped(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, wrapped = build()
+    opt = FusedAccumSGD(wrapped.parameters(), **HYPER)
+    train(model, wrapped, opt, batches)
+    straight = [p.detach().clone() for p in wrapped.parameters()]
+    model, wrapped = build()
+    opt = FusedAccumSGD(wrapped.parameters(), **HYPER)
+    cut = K + K - 1
+    train(model, wrapped, opt, batches[:cut])
+    saved = {"model": {k: v.clone() for k, v in wrapped.state_dict().items()}, "opt": opt.state_dict()}
+    model, wrapped = build()
+    wrapped.load_state_dict(saved["model"])
+    opt = FusedAccumSGD(wrapped.parameters(), **HYPER)
+    opt.load_state_dict(saved["opt"])
+    train(model, wrapped, opt, batches[cut:])
+    for i, (a, b) in enumerate(zip(wrapped.parameters(), straight)):
+        a, b = (t.to_local() if hasattr(t, "to_local") else t for t in (a.detach(), b))
+        if not torch.equal(a, b):
+            raise AssertionError(f"{wrapper}: parameter {i} after a mid-cycle resume differs from the straight run")
+
+
+def entry(rank, ranks, port, scenario, args, backend="gloo"):
+    """torch.multiprocessing.spawn target: joins the process group, runs one scenario."""
+    global DEVICE
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)  # several ranks share two cores
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        DEVICE = torch.device("cuda", rank)
+    dist.init_process_group(backend, rank=rank, world_size=ranks)
+    try:
+        globals()[scenario](rank, ranks, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

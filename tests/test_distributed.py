@@ -1,0 +1,66 @@
+"""Multi-process training on gloo (CPU): DDP with and without no_sync, FSDP2 on 1-D and 2-D
+(HSDP) meshes in both gradient-sync modes, and manual sharding with process_group, each against
+a single-process float64 run of the full model (tests/distributed_workers.py)."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed_workers
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# gloo on CPU always; NCCL on CUDA where a machine has a GPU per rank (skipped otherwise).
+BACKENDS = ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
+    not (dist.is_available() and dist.is_nccl_available() and torch.cuda.device_count() >= 2),
+    reason="NCCL runs need two CUDA devices"))]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def spawn(ranks, scenario, *args, backend="gloo"):
+    if backend == "nccl" and torch.cuda.device_count() < ranks:
+        pytest.skip(f"needs {ranks} CUDA devices")
+    mp.spawn(distributed_workers.entry, args=(ranks, free_port(), scenario, args, backend), nprocs=ranks,
+             join=True)
+
+
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["grad_copy", "bucket_view"])
+def test_ddp_no_sync_one_all_reduce_per_cycle(backend, bucket_view):
+    spawn(2, "ddp_no_sync", True, bucket_view, backend=backend)
+
+
+def test_ddp_without_no_sync_stays_correct(backend):
+    spawn(2, "ddp_no_sync", False, False, backend=backend)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("sync_every_micro_batch", [True, False], ids=["reduce_scatter_each", "sync_last_only"])
+def test_fsdp2_matches_single_process(backend, ranks, sync_every_micro_batch):
+    spawn(ranks, "fsdp2", (ranks,), sync_every_micro_batch, backend=backend)
+
+
+@pytest.mark.parametrize("sync_every_micro_batch", [True, False], ids=["reduce_scatter_each", "sync_last_only"])
+def test_hsdp_2d_mesh_matches_single_process(backend, sync_every_micro_batch):
+    spawn(4, "fsdp2", (2, 2), sync_every_micro_batch, backend=backend)
+
+
+def test_process_group_makes_the_norm_global(backend):
+    spawn(2, "manual_sharding", backend=backend)
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_mid_cycle_checkpoint_resumes_bit_identically_per_rank(backend, wrapper):
+    spawn(2, "resume_mid_cycle", wrapper, backend=backend)
