@@ -204,6 +204,7 @@ class FusedAccumSGD(Optimizer):
         self._versions: List[Optional[int]] = [None] * n  # version of an adopted p.grad, None if owned
         self._handed: List[Optional[int]] = [None] * n  # version of an accumulator handed back as .grad
         self._handed_back = False
+        self._handback_scale = None  # GradScaler's scale the handed-back sums were multiplied by
         self._had_gradient = False  # some micro-batch of this cycle had a gradient
         self._live = [0] * len(getattr(self, "_buckets", []))  # accumulators alive per bucket
 
@@ -292,7 +293,7 @@ class FusedAccumSGD(Optimizer):
         self._amp_cycle = self._amp_cycle or amp_scale is not None or getattr(self, "found_inf", None) is not None
         boundary = self._micro_step + 1 == self.accumulation_steps
         if self._handed_back:
-            codes = self._take_back(grads, codes)
+            codes = self._take_back(grads, codes, amp_scale)
         self._had_gradient = self._had_gradient or codes.count(_NONE) != len(codes)
         self._accumulate(grads, codes, boundary, amp_scale)
         if boundary:
@@ -300,19 +301,21 @@ class FusedAccumSGD(Optimizer):
         else:
             self._micro_step += 1
             if self._micro_step + 1 == self.accumulation_steps:
-                self._hand_back()
+                self._hand_back(amp_scale)
         return loss
 
     # ------------------------------------------------------------------ the last micro-batch
-    def _hand_back(self):
+    def _hand_back(self, amp_scale):
         """Before the cycle's last backward, each accumulator becomes .grad again: autograd adds
         the last micro-batch into it in place, so DistributedDataParallel, leaving no_sync() for
         that backward, all-reduces the whole cycle's sum once (and overlaps it with the backward).
         DTensor (FSDP2) shards are not handed back: FSDP2 reduces every gradient it produces.
-        Under GradScaler the accumulators are unscaled while the new gradient is scaled: kept."""
-        if self._amp_cycle:
-            return
-        rounds = _distributed()  # half-precision sums go back in the parameter dtype only when reduced
+        Under GradScaler the sum goes back scaled by this micro-batch's scale, like the gradient
+        the last backward adds to it, but only where ranks communicate: alone, an inf in an earlier
+        micro-batch would show in GradScaler's check of the last one and back the scale off twice."""
+        rounds = _distributed()
+        if amp_scale is not None and not rounds:
+            return  # half-precision sums go back in the parameter dtype only when reduced
         grads = [None] * len(self._sorted)
         for b in self._buckets:
             if b.sharded:
@@ -328,19 +331,26 @@ class FusedAccumSGD(Optimizer):
                 grads[k] = acc
                 self._versions[k] = None  # autograd will add into it: no longer watched as untouched
                 self._handed[k] = acc._version
-        if any(g is not None for g in grads):
+        handed = [g for g in grads if g is not None]
+        if handed:
             self._handed_back = True
+            self._handback_scale = amp_scale
+            if amp_scale is not None:
+                _foreach_mul_by_device(handed, amp_scale)
             self._inspector.set_grads(grads)
 
     def _handed_grads(self):
         return [acc if v is not None else None for acc, v in zip(self._accs, self._handed)]
 
-    def _take_back(self, grads, codes):
+    def _take_back(self, grads, codes, amp_scale):
         """At the last micro-batch: where .grad is the handed-back accumulator (or DDP's bucket
         view of it, reduced), it is the whole cycle's sum; where it was replaced before the
         backward (module.zero_grad()), the new gradient is added as usual."""
         codes = bytearray(codes)
-        watch = not _distributed()  # alone, only autograd's one in-place add may touch it
+        complete = []
+        # Alone and without GradScaler (whose inf check rewrites gradients in place), only autograd's
+        # one in-place add may touch a handed-back sum.
+        watch = not _distributed() and amp_scale is None and self._handback_scale is None
         for k, version in enumerate(self._handed):
             if version is None:
                 continue
@@ -361,7 +371,25 @@ class FusedAccumSGD(Optimizer):
                 continue  # .grad was replaced before the last backward: add the new gradient
             grads[k] = None
             codes[k] = _NONE[0]
+            complete.append(acc)
+        if self._handback_scale is not None or amp_scale is not None:
+            self._unscale_complete(complete, amp_scale)
         return bytes(codes)
+
+    def _unscale_complete(self, complete, amp_scale):
+        """GradScaler: the taken-back sums are scaled; unscaled as GradScaler would (float32 of the
+        double reciprocal; exact for its power-of-two scales). Had the scale changed between the
+        last two micro-batches (scaler.update() grew it), the two parts of the sum carry different
+        scales and cannot be separated: the cycle is then skipped, on the device, like an overflow."""
+        previous = self._handback_scale
+        primary = self.skipped_steps.device
+        if amp_scale is None or previous is None:
+            mismatch = torch.ones(1, dtype=torch.float64, device=primary)
+        else:
+            mismatch = (amp_scale.reshape(1) != previous.reshape(1)).to(device=primary, dtype=torch.float64)
+        self._norm_state(primary)[1:].add_(mismatch)
+        if amp_scale is not None and complete:
+            _foreach_mul_by_device(complete, amp_scale.double().reciprocal().float())
 
     def _norm_state(self, device, domain=""):
         """The running norm partial of one device and norm domain (reduced over the domain's
@@ -541,7 +569,14 @@ class FusedAccumSGD(Optimizer):
             buffers, flags = [self._buffers[k] for k in slots], [self._flags[k] for k in slots]
         return ([local_tensor(t) for t in buffers] if bucket.sharded else buffers), flags
 
-    def _restore_cycle(self, micro_step, accumulators):
+    def _saved_accumulator(self, k):
+        """Slot k's raw (unscaled) running sum, as a checkpoint stores it."""
+        acc = self._accs[k]
+        if self._handed[k] is not None and self._handback_scale is not None:
+            return acc * self._handback_scale.double().reciprocal().float().to(acc.device)
+        return acc.clone()
+
+    def _restore_cycle(self, micro_step, accumulators, handback_scale=None):
         """Reinstalls a saved cycle: raw accumulator sums by parameter index (as owned copies)."""
         self._reset_cycle_state()
         slot_of = {i: k for k, i in enumerate(self._order)}
@@ -555,7 +590,7 @@ class FusedAccumSGD(Optimizer):
         self._micro_step = micro_step if slot_of else 0
         self._had_gradient = any(a is not None for a in self._accs)
         if self._micro_step > 0 and self._micro_step + 1 == self.accumulation_steps:
-            self._hand_back()  # as the saving run did after this micro-step
+            self._hand_back(handback_scale)  # as the saving run did after this micro-step
 
     def _sync_momentum_cache(self):
         """Points the slot caches at the tensors in self.state (after load_state_dict)."""
@@ -574,6 +609,15 @@ class FusedAccumSGD(Optimizer):
     def load_state_dict(self, state_dict):
         """Loads a FusedAccumSGD or torch.optim.SGD state dict; everything is validated first."""
         import_state(self, state_dict, super().load_state_dict)
+
+
+def _foreach_mul_by_device(tensors, factor):
+    """tensors *= factor (a 1-element device tensor), one foreach call per device, no host sync."""
+    by_device = defaultdict(list)
+    for t in tensors:
+        by_device[t.device].append(t)
+    for device, group in by_device.items():
+        torch._foreach_mul_(group, factor.to(device).reshape(()))
 
 
 def _check_no_shared_memory(params):

@@ -30,7 +30,8 @@ def export_state(opt, state_dict):
         "format_version": FORMAT_VERSION,
         "accumulation_steps": opt.accumulation_steps,
         "micro_step": opt._micro_step,
-        "accumulators": {opt._order[k]: acc.clone() for k, acc in enumerate(opt._accs) if acc is not None},
+        "accumulators": {opt._order[k]: opt._saved_accumulator(k) for k, acc in enumerate(opt._accs) if acc is not None},
+        "handback_scale": None if opt._handback_scale is None else opt._handback_scale.clone(),
         "skipped_steps": opt.skipped_steps.clone(),
         "last_grad_norm": None if opt.last_grad_norm is None else opt.last_grad_norm.clone(),
     }
@@ -123,6 +124,9 @@ def _validate(opt, state_dict):
     last = extra.get("last_grad_norm")
     if last is not None and (not isinstance(last, torch.Tensor) or last.numel() != 1 or not last.is_floating_point()):
         _fail("last_grad_norm must be None or a 1-element floating-point tensor")
+    scale = extra.get("handback_scale")
+    if scale is not None and (not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.is_floating_point()):
+        _fail("handback_scale must be None or GradScaler's 1-element floating-point scale")
 
 
 def _like_param(value, param):
@@ -145,7 +149,9 @@ def import_state(opt, state_dict, base_load):
     if extra is None:
         opt._restore_cycle(0, {})
         return
-    opt._restore_cycle(extra["micro_step"], extra["accumulators"])
+    scale = extra.get("handback_scale")
+    opt._restore_cycle(extra["micro_step"], extra["accumulators"],
+                       None if scale is None else scale.to(opt._primary_device()).clone())
     # Copies, never views of the caller's dict: the counter is later updated in place.
     opt._skipped_steps = extra["skipped_steps"].to(device=opt._primary_device(), dtype=torch.int64).reshape(()).clone()
     last = extra.get("last_grad_norm")

@@ -162,6 +162,45 @@ def manual_sharding(rank, ranks):
         raise AssertionError(f"sharded norms {norms} != full-model norms {expected_norms}")
 
 
+def ddp_grad_scaler(rank, ranks, growth_interval):
+    """DDP + no_sync + torch.amp.GradScaler: the handed-back sum goes back scaled; a cycle whose
+    scale grew between its last two micro-batches is skipped (the two parts carry different scales)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def run(distributed):
+        model = make_model().float()
+        wrapped = DDP(model) if distributed else model
+        opt = FusedAccumSGD(wrapped.parameters(), **HYPER)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=growth_interval)
+        scales, grown_at_boundary = [], 0
+        for batch in micro_batches():
+            x, y = (t.float() for t in (rank_rows(batch, rank, ranks) if distributed else batch))
+            last = opt.sync_gradients
+            if distributed and not last:
+                with wrapped.no_sync():
+                    scaler.scale(nn.functional.mse_loss(wrapped(x), y)).backward()
+            else:
+                scaler.scale(nn.functional.mse_loss(wrapped(x), y)).backward()
+            scale_before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            if last and scales and scales[-1] != scale_before:  # K-1 and K ran at different scales
+                grown_at_boundary += 1
+            scales.append(scale_before)
+        return [p.detach() for p in wrapped.parameters()], int(opt.skipped_steps), grown_at_boundary
+
+    params, skipped, grown = run(True)
+    check_same_on_every_rank(params, "DDP + GradScaler")
+    if skipped != grown:
+        raise AssertionError(f"{skipped} cycles skipped; the scale grew inside {grown} cycles' last micro-batch")
+    if growth_interval < K and grown == 0:
+        raise AssertionError("the scale never grew inside a cycle: the case under test did not happen")
+    if grown == 0:
+        expected, _, _ = run(False)
+        check_close(params, expected, "DDP + GradScaler", tol=1e-5)
+
+
 def resume_mid_cycle(rank, ranks, wrapper):
     """A per-rank checkpoint after micro-step K-1 (accumulators handed back as .grad) resumes
     bit-identically under DDP + no_sync, or FSDP2 (sharded accumulators)."""

@@ -42,6 +42,11 @@ def test_ddp_no_sync_one_all_reduce_per_cycle(backend, bucket_view):
     spawn(2, "ddp_no_sync", True, bucket_view, backend=backend)
 
 
+@pytest.mark.parametrize("growth_interval", [1000, 3], ids=["steady_scale", "scale_grows"])
+def test_ddp_no_sync_with_grad_scaler(growth_interval):
+    spawn(2, "ddp_grad_scaler", growth_interval)
+
+
 def test_ddp_without_no_sync_stays_correct(backend):
     spawn(2, "ddp_no_sync", False, False, backend=backend)
 
