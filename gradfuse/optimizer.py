@@ -175,6 +175,7 @@ class FusedAccumSGD(Optimizer):
         return f"parameter {index} (param_groups[{group}]['params'][{position}])"
 
     # ------------------------------------------------------------------ gradients
+    @torch.compiler.disable  # native loops over .grad: eager, like step()
     def zero_grad(self, set_to_none: bool = True):
         """As Optimizer.zero_grad; a gradient adopted as this cycle's accumulator is replaced
         by a fresh zero tensor instead of being zeroed in place (set_to_none=False)."""
@@ -276,6 +277,7 @@ class FusedAccumSGD(Optimizer):
         return [local_tensor(p) for p in params] if self._has_sharded else params
 
     # ------------------------------------------------------------------ step
+    @torch.compiler.disable  # always eager: one documented graph break, the state lives in Python
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
