@@ -44,12 +44,16 @@ def check_lr(lr, check_tensor_value=True):
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
-def check_group(group, check_tensor_lr=True):
-    """Per-group hyperparameters (lr, momentum, dampening, weight_decay, nesterov, maximize)."""
+def check_not_optimizer_wide(group, name):
     for key in OPTIMIZER_WIDE:
         if key in group:
             raise ValueError(f"{key} is optimizer-wide (the global norm spans every group): pass it to "
-                             f"FusedAccumSGD(...), not in a parameter group")
+                             f"{name}(...), not in a parameter group")
+
+
+def check_sgd_group(group, check_tensor_lr=True):
+    """Per-group SGD hyperparameters (lr, momentum, dampening, weight_decay, nesterov, maximize)."""
+    check_not_optimizer_wide(group, "FusedAccumSGD")
     check_lr(group["lr"], check_tensor_lr)
     momentum = _non_negative("momentum", group["momentum"], "momentum")
     _non_negative("weight_decay", group["weight_decay"], "weight_decay")

@@ -1,31 +1,20 @@
-"""FusedAccumSGD checkpoints: torch.optim.SGD's state-dict format plus a 'gradfuse' entry
-(accumulators, micro-step position, counters). Loading validates everything before any
-state changes."""
+"""Checkpoints of every gradfuse optimizer: the matching torch optimizer's state-dict format
+(the rule's hooks shape it) plus a 'gradfuse' entry (accumulators, micro-step position,
+counters). Loading validates everything before any state changes."""
 import copy
 
 import torch
 
-from . import hyperparameters as hp
 from .distributed_norm import local_tensor
 
 FORMAT_VERSION = 1
-_SGD_GROUP_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
-_SGD_STATE_KEYS = {"momentum_buffer"}
 
 
 def export_state(opt, state_dict):
-    """Rewrites Optimizer.state_dict()'s output into SGD's layout and adds the cycle state."""
+    """Rewrites Optimizer.state_dict()'s output into the torch rule's layout and adds the cycle state."""
     states = {index: dict(state) for index, state in state_dict["state"].items()}  # unshare with opt.state
-    flags = {index: state.pop("momentum_initialized") for index, state in states.items()
-             if "momentum_initialized" in state}
-    written = _read_flags(flags)
-    packed = {}
-    for index, state in states.items():
-        if not written.get(index, True):  # never written: torch.optim.SGD would have no buffer
-            state.pop("momentum_buffer", None)
-        if state:
-            packed[index] = state
-    state_dict["state"] = packed
+    opt._pack_param_states(states, _read_flags)
+    state_dict["state"] = {index: state for index, state in states.items() if state}
     state_dict["gradfuse"] = {
         "format_version": FORMAT_VERSION,
         "accumulation_steps": opt.accumulation_steps,
@@ -50,8 +39,12 @@ def _read_flags(flags):
     return values
 
 
+class _Invalid(Exception):
+    """A reason the state dict cannot be loaded (raised as ValueError naming the optimizer)."""
+
+
 def _fail(message):
-    raise ValueError(f"FusedAccumSGD.load_state_dict: {message}")
+    raise _Invalid(message)
 
 
 def _check_tensor_for(name, value, param):
@@ -74,13 +67,13 @@ def _validate(opt, state_dict):
     for g, (group, saved) in enumerate(zip(groups, saved_groups)):
         if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
             _fail(f"parameter group {g} has a different number of parameters than this optimizer's")
-        missing = [k for k in _SGD_GROUP_KEYS if k not in saved]
+        missing = [k for k in opt._GROUP_KEYS if k not in saved]
         if missing:
-            _fail(f"parameter group {g} lacks {missing}: this is not a torch.optim.SGD / FusedAccumSGD state dict")
-        candidate = {k: v for k, v in saved.items() if k != "params"}
-        candidate.setdefault("maximize", False)
+            _fail(f"parameter group {g} lacks {missing}: this is not a torch.optim.{opt._RULE} / {opt._name} "
+                  f"state dict")
+        candidate = dict(opt.defaults, **{k: v for k, v in saved.items() if k in opt.defaults})
         try:
-            hp.check_group(candidate)
+            opt._check_group(candidate)
         except (TypeError, ValueError) as error:
             _fail(f"parameter group {g}: {error}")
     state = state_dict["state"]
@@ -91,12 +84,11 @@ def _validate(opt, state_dict):
             _fail(f"state has an entry for parameter {index!r}, but there are {len(params)} parameters")
         if not isinstance(entry, dict):
             _fail(f"state of parameter {index} is not a dict")
-        unknown = set(entry) - _SGD_STATE_KEYS
+        unknown = set(entry) - opt._STATE_KEYS
         if unknown:
-            _fail(f"state of parameter {index} has keys {sorted(unknown)} that SGD does not use "
+            _fail(f"state of parameter {index} has keys {sorted(unknown)} that {opt._RULE} does not use "
                   f"(a state dict of another optimizer?)")
-        if entry.get("momentum_buffer") is not None:
-            _check_tensor_for(f"momentum_buffer of parameter {index}", entry["momentum_buffer"], params[index])
+        opt._check_loaded_state(index, entry, params[index], _check_tensor_for)
     extra = state_dict.get("gradfuse")
     if extra is None:
         return
@@ -135,16 +127,18 @@ def _like_param(value, param):
 
 
 def import_state(opt, state_dict, base_load):
-    _validate(opt, state_dict)
+    try:
+        _validate(opt, state_dict)
+    except _Invalid as invalid:
+        raise ValueError(f"{opt._name}.load_state_dict: {invalid}") from None
     base = {"state": copy.copy(state_dict["state"]), "param_groups": state_dict["param_groups"]}
     base["state"] = {i: {k: v for k, v in s.items() if v is not None} for i, s in base["state"].items()}
     base_load(base)  # Optimizer.load_state_dict: casts buffers to each parameter's dtype and device
     for p in opt._params:
         state = opt.state.get(p)
-        if state and "momentum_buffer" in state:
-            state["momentum_buffer"] = _like_param(state["momentum_buffer"], p)
-            state["momentum_initialized"] = torch.ones((), dtype=torch.bool, device=p.device)
-    opt._sync_momentum_cache()
+        if state:
+            opt._unpack_loaded_state(p, state, _like_param)
+    opt._sync_state_cache()
     extra = state_dict.get("gradfuse")
     if extra is None:
         opt._restore_cycle(0, {})

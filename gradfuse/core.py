@@ -1,5 +1,7 @@
-"""FusedAccumSGD: gradient accumulation + global-norm clipping + torch.optim.SGD in fused
-native passes, with the norm, clip factor and skip decision kept on the device."""
+"""The core every gradfuse optimizer shares: parameter buckets, gradient gathering, fused
+accumulation, the global norm (also across ranks), skipping, GradScaler, the hand-back for DDP
+and checkpoints. An update rule (sgd.py, adamw.py) adds its hyperparameters, its per-parameter
+state and one fused update call."""
 import warnings
 from collections import defaultdict
 from typing import Dict, List, Optional
@@ -23,7 +25,7 @@ class _Bucket:
     def __init__(self, start, group_index, device, acc_dtype, adopts, domain, sharded):
         self.start, self.stop = start, start + 1
         self.group_index, self.device, self.acc_dtype, self.adopts = group_index, device, acc_dtype, adopts
-        self.domain, self.sharded = domain, sharded  # domain: a key of FusedAccumSGD._domains
+        self.domain, self.sharded = domain, sharded  # domain: a key of FusedAccumOptimizer._domains
 
 
 # GradientCode values (csrc/tensor_checks.h) as the bytes GradientInspector.gather returns.
@@ -38,25 +40,31 @@ def _distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class FusedAccumSGD(Optimizer):
-    """torch.optim.SGD with built-in gradient accumulation and global-norm clipping.
-
-    Call step() once per micro-batch: micro-steps 1..K-1 only accumulate A = sum(grad)/K;
-    micro-step K computes the norm_type norm of A over all parameters, skips the update when
-    it is not finite (skip_nonfinite), scales A by min(1, max_grad_norm / (norm + 1e-6)) and
-    applies SGD (weight decay, momentum, dampening, nesterov, maximize) in one pass.
+class FusedAccumOptimizer(Optimizer):
+    """Base of FusedAccumSGD / FusedAccumAdamW. Call step() once per micro-batch: micro-steps
+    1..K-1 only accumulate A = sum(grad)/K; micro-step K computes the norm_type norm of A over
+    all parameters, skips the update when it is not finite (skip_nonfinite), scales A by
+    min(1, max_grad_norm / (norm + 1e-6)) and applies the rule's update in one pass.
 
     torch.amp.GradScaler: scaler.step(opt) hands over its scale and found_inf tensors; the
     gradients are unscaled inside the accumulation kernels and a cycle with an inf/nan
     gradient is skipped, with no separate unscale pass and no host sync.
-    """
+
+    A rule subclass defines: _RULE (the torch optimizer's name), _GROUP_KEYS and _STATE_KEYS (its
+    state-dict layout), _SLOT_KEYS (the per-parameter state the update reads), _check_group,
+    _new_param_state, _update_bucket, and the checkpoint hooks _pack_param_states /
+    _unpack_loaded_state / _check_loaded_state."""
 
     # GradScaler sets self.grad_scale / self.found_inf and calls step() directly.
     _step_supports_amp_scaling = True
+    _RULE = ""
+    _GROUP_KEYS: tuple = ()
+    _STATE_KEYS: frozenset = frozenset()
+    _SLOT_KEYS: tuple = ()
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, accumulation_steps=1, max_grad_norm=None, norm_type=2.0, skip_nonfinite=True,
-                 error_if_nonfinite=False, accum_dtype=None, process_group=None):
+    def __init__(self, params, defaults, *, accumulation_steps=1, max_grad_norm=None, norm_type=2.0,
+                 skip_nonfinite=True, error_if_nonfinite=False, accum_dtype=None, process_group=None):
+        self._name = type(self).__name__
         self.accumulation_steps = hp.check_accumulation_steps(accumulation_steps)
         self.max_grad_norm = hp.check_max_grad_norm(max_grad_norm)
         self.norm_type = hp.check_norm_type(norm_type)
@@ -64,15 +72,16 @@ class FusedAccumSGD(Optimizer):
         self.error_if_nonfinite = hp.check_flag("error_if_nonfinite", error_if_nonfinite)
         self.accum_dtype = hp.check_accum_dtype(accum_dtype)
         self.process_group = hp.check_process_group(process_group)
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize)
-        hp.check_group(defaults)
+        self._check_group(defaults)
         self._reset_cycle_state()
         self._norm_states: Dict[tuple, torch.Tensor] = {}  # by (device, norm domain)
         self._unused_norm: Dict[torch.device, torch.Tensor] = {}  # stands in when no norm is needed
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._skipped_steps: Optional[torch.Tensor] = None
         super().__init__(params, defaults)
+
+    def _check_group(self, group, check_tensor_lr=True):
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ public observability
     @property
@@ -98,23 +107,23 @@ class FusedAccumSGD(Optimizer):
         for key in hp.OPTIMIZER_WIDE:
             if key in param_group:
                 raise ValueError(f"{key} is optimizer-wide (the global norm spans every group): pass it to "
-                                 f"FusedAccumSGD(...), not in a parameter group")
+                                 f"{self._name}(...), not in a parameter group")
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         if len({id(p) for p in params}) != len(params):
             raise ValueError("a parameter group contains the same tensor more than once")
         bad, reason = inspect_parameters(params)
         if bad >= 0:
-            raise ValueError(f"FusedAccumSGD: parameter {bad} of the new group {reason}")
+            raise ValueError(f"{self._name}: parameter {bad} of the new group {reason}")
         known = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in known for p in params):
             raise ValueError("some parameters appear in more than one parameter group")
         for p in params:
             hp.accumulator_dtype(p.dtype, self.accum_dtype)
-        _check_no_shared_memory([p for g in self.param_groups for p in g["params"]] + params)
+        _check_no_shared_memory([p for g in self.param_groups for p in g["params"]] + params, self._name)
         group = dict(param_group, params=params)
         candidate = dict(self.defaults, **group)
-        hp.check_group(candidate)
+        self._check_group(candidate)
         super().add_param_group(group)
         self._rebuild_layout()
 
@@ -132,7 +141,7 @@ class FusedAccumSGD(Optimizer):
             key = ""
             if is_dtensor(p):
                 key = f"mesh{p.device_mesh.mesh_dim_names or p.device_mesh.ndim}:{p.placements}"
-                self._domains[key] = shard_groups(p, f"FusedAccumSGD: parameter {i}")
+                self._domains[key] = shard_groups(p, f"{self._name}: parameter {i}")
             domain_of.append(key)
         keys = [(gi, str(p.device), str(p.dtype), domain_of[i]) for i, (gi, p) in enumerate(entries)]
         self._order = sorted(range(len(entries)), key=lambda i: keys[i])  # sorted slot -> param index
@@ -159,11 +168,11 @@ class FusedAccumSGD(Optimizer):
         self._accs = carry(getattr(self, "_accs", []))
         self._versions = carry(getattr(self, "_versions", []))
         self._owned = carry(getattr(self, "_owned", []))
-        self._buffers = carry(getattr(self, "_buffers", []))
-        self._flags = carry(getattr(self, "_flags", []))
+        old_slots = getattr(self, "_slot_state", {})
+        self._slot_state = {key: carry(old_slots.get(key, [])) for key in self._SLOT_KEYS}  # self.state, by slot
         self._handed = carry(getattr(self, "_handed", []))
         self._live = [sum(a is not None for a in self._accs[b.start:b.stop]) for b in self._buckets]
-        self._momentum_ready = [all(f is not None for f in self._flags[b.start:b.stop]) for b in self._buckets]
+        self._sync_state_ready()
         self._slot_params = self._sorted
 
     def _primary_device(self):
@@ -217,15 +226,15 @@ class FusedAccumSGD(Optimizer):
         k = first_modified(self._accs, self._versions)
         if k >= 0:
             raise RuntimeError(
-                f"FusedAccumSGD: the gradient of {self._describe(self._order[k])} was modified in place after "
-                f"step() (for example by module.zero_grad(set_to_none=False)); FusedAccumSGD keeps it as the "
+                f"{self._name}: the gradient of {self._describe(self._order[k])} was modified in place after "
+                f"step() (for example by module.zero_grad(set_to_none=False)); {self._name} keeps it as the "
                 f"cycle's accumulator. Use optimizer.zero_grad() or set_to_none=True between micro-batches.")
 
     def _gather_gradients(self):
         """Gradients in slot order and their GradientCode bytes, validated before any change."""
         bad, reason, codes, grads = self._inspector.gather()
         if bad >= 0:
-            raise RuntimeError(f"FusedAccumSGD: {self._describe(self._order[bad])} {reason}")
+            raise RuntimeError(f"{self._name}: {self._describe(self._order[bad])} {reason}")
         if self._has_sharded:
             codes = self._local_shards_of(grads, codes)
         if _RELAYOUT in codes:  # rare: a dense gradient laid out unlike its parameter
@@ -250,12 +259,12 @@ class FusedAccumSGD(Optimizer):
                     continue
                 if not is_dtensor(g) or g.device_mesh != p.device_mesh or g.placements != p.placements:
                     where = f"placements {g.placements}" if is_dtensor(g) else "a plain tensor"
-                    raise RuntimeError(f"FusedAccumSGD: {self._describe(self._order[k])} is a DTensor with "
+                    raise RuntimeError(f"{self._name}: {self._describe(self._order[k])} is a DTensor with "
                                        f"placements {p.placements} but its gradient is {where}; gradfuse needs "
                                        f"gradients sharded like their parameters")
                 shard, own = g._local_tensor, local_tensor(p)
                 if shard.shape != own.shape or shard.dtype != own.dtype:
-                    raise RuntimeError(f"FusedAccumSGD: {self._describe(self._order[k])}: local gradient shard "
+                    raise RuntimeError(f"{self._name}: {self._describe(self._order[k])}: local gradient shard "
                                        f"{shard.dtype}{tuple(shard.shape)} does not match the parameter's local "
                                        f"shard {own.dtype}{tuple(own.shape)}")
                 grads[k] = shard
@@ -285,12 +294,12 @@ class FusedAccumSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            hp.check_group(group, check_tensor_lr=False)
+            self._check_group(group, check_tensor_lr=False)
         grads, codes = self._gather_gradients()
         self._check_adopted_untouched()
         amp_scale = getattr(self, "grad_scale", None)
         if amp_scale is not None and (not isinstance(amp_scale, torch.Tensor) or amp_scale.numel() != 1):
-            raise TypeError(f"FusedAccumSGD: grad_scale must be GradScaler's 1-element scale tensor, got {amp_scale!r}")
+            raise TypeError(f"{self._name}: grad_scale must be GradScaler's 1-element scale tensor, got {amp_scale!r}")
         # An AMP micro-batch with inf/nan gradients makes A non-finite: such cycles are always skipped.
         self._amp_cycle = self._amp_cycle or amp_scale is not None or getattr(self, "found_inf", None) is not None
         boundary = self._micro_step + 1 == self.accumulation_steps
@@ -360,14 +369,14 @@ class FusedAccumSGD(Optimizer):
             if g is acc:
                 if watch and acc._version > version + 1:
                     raise RuntimeError(
-                        f"FusedAccumSGD: the gradient of {self._describe(self._order[k])} was modified in place "
+                        f"{self._name}: the gradient of {self._describe(self._order[k])} was modified in place "
                         f"before the cycle's last backward (for example by module.zero_grad(set_to_none=False)); it "
                         f"holds the sum of the cycle's earlier micro-batches. Use optimizer.zero_grad().")
             elif acc._version != version and g is not None:
                 acc.copy_(g)  # DDP (gradient_as_bucket_view) rebound .grad to its bucket: the reduced sum
             elif acc._version != version:
                 raise RuntimeError(
-                    f"FusedAccumSGD: the gradient of {self._describe(self._order[k])} held the cycle's running sum "
+                    f"{self._name}: the gradient of {self._describe(self._order[k])} held the cycle's running sum "
                     f"and was changed, then removed, before step(); the cycle's earlier micro-batches are lost")
             else:
                 continue  # .grad was replaced before the last backward: add the new gradient
@@ -493,7 +502,7 @@ class FusedAccumSGD(Optimizer):
     def _finish_cycle(self):
         if not self._had_gradient and not getattr(self, "_warned_empty_cycle", False):
             self._warned_empty_cycle = True
-            warnings.warn(f"FusedAccumSGD: {_NO_GRADIENT}", stacklevel=3)
+            warnings.warn(f"{self._name}: {_NO_GRADIENT}", stacklevel=3)
         if self._needs_norm():
             total = self.last_grad_norm = self._total_norm()
         else:  # plain accumulation + SGD: no norm pass; the update reads a constant 0 norm
@@ -504,7 +513,7 @@ class FusedAccumSGD(Optimizer):
             total = self._unused_norm[device]
         if self.error_if_nonfinite and not bool(torch.isfinite(total)):  # documented host sync
             self._reset_cycle_state()
-            raise RuntimeError(f"FusedAccumSGD: the total gradient norm of this cycle is {total.item()}; the "
+            raise RuntimeError(f"{self._name}: the total gradient norm of this cycle is {total.item()}; the "
                                f"update was skipped (error_if_nonfinite=True)")
         norm_on = {total.device: total}
         for bi in range(len(self._buckets)):
@@ -529,7 +538,7 @@ class FusedAccumSGD(Optimizer):
         return list(split.values())
 
     def _update(self, bi, slots, total, norm_on):
-        """One clipped_sgd_step_ call over the given slots of bucket bi."""
+        """One fused update call of the rule over the given slots of bucket bi."""
         b = self._buckets[bi]
         params = self._kernel_params(slots)
         if isinstance(slots, range):
@@ -537,39 +546,57 @@ class FusedAccumSGD(Optimizer):
         else:
             accs = [self._accs[k] for k in slots]
         group = self.param_groups[b.group_index]
-        buffers, flags = self._momentum_state(bi, slots) if group["momentum"] != 0 else ([], [])
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and lr.device != b.device:
             # A CPU lr is read on the host (no device sync); a lr on another GPU is copied over.
             lr = lr.item() if lr.device.type == "cpu" else lr.to(b.device)
         if b.device not in norm_on:
             norm_on[b.device] = total.to(b.device)
-        direct_ops.clipped_sgd_step_(params, accs, buffers, flags, norm_on[b.device], lr, group["weight_decay"],
-                              group["momentum"], group["dampening"], group["nesterov"], group["maximize"],
-                              1.0 / self.accumulation_steps, self.max_grad_norm, self._skips_nonfinite())
+        self._update_bucket(bi, slots, params, accs, group, lr, norm_on[b.device], 1.0 / self.accumulation_steps)
+
+    def _update_bucket(self, bi, slots, params, accs, group, lr, total_norm, grad_scale):
+        raise NotImplementedError
 
     def _skips_nonfinite(self):
         """Whether this cycle skips on a non-finite norm: as configured, and always under AMP."""
         return self.skip_nonfinite or self._amp_cycle
 
-    def _momentum_state(self, bucket_index, slots):
-        """Momentum buffers and their 'written once' flags for the slots, created on first use."""
+    def _slot_tensors(self, bucket_index, slots, keys):
+        """The rule's per-parameter state tensors for the slots, one list per key (local shards
+        of DTensor state), created zero-filled on first use (a skipped first cycle leaves a
+        harmless state behind)."""
         bucket = self._buckets[bucket_index]
-        if not self._momentum_ready[bucket_index]:
+        if not self._state_ready[bucket_index]:
+            group = self.param_groups[bucket.group_index]
+            required = self._required_slot_keys(group)
             for k in range(bucket.start, bucket.stop):
-                if self._flags[k] is None:
+                if any(self._slot_state[key][k] is None for key in required):
                     p = self._sorted[k]
                     state = self.state[p]
-                    # Zero-filled so a skipped first cycle leaves a harmless buffer behind.
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["momentum_initialized"] = torch.zeros((), dtype=torch.bool, device=p.device)
-                    self._buffers[k], self._flags[k] = state["momentum_buffer"], state["momentum_initialized"]
-            self._momentum_ready[bucket_index] = True
-        if isinstance(slots, range):
-            buffers, flags = self._buffers[slots.start:slots.stop], self._flags[slots.start:slots.stop]
-        else:
-            buffers, flags = [self._buffers[k] for k in slots], [self._flags[k] for k in slots]
-        return ([local_tensor(t) for t in buffers] if bucket.sharded else buffers), flags
+                    state.update(self._new_param_state(p, group, state))
+                    for key in self._SLOT_KEYS:
+                        self._slot_state[key][k] = state.get(key)
+            self._state_ready[bucket_index] = True
+        lists = []
+        for key in keys:
+            values = self._slot_state[key]
+            chosen = values[slots.start:slots.stop] if isinstance(slots, range) else [values[k] for k in slots]
+            lists.append([local_tensor(t) for t in chosen] if bucket.sharded else chosen)
+        return lists
+
+    def _new_param_state(self, p, group, state):
+        raise NotImplementedError
+
+    def _required_slot_keys(self, group):
+        return self._SLOT_KEYS
+
+    def _sync_state_ready(self):
+        # The rule's state is complete for a bucket when its required slot keys exist everywhere.
+        self._state_ready = []
+        for b in self._buckets:
+            required = self._required_slot_keys(self.param_groups[b.group_index])
+            self._state_ready.append(all(self._slot_state[key][k] is not None for key in required
+                                         for k in range(b.start, b.stop)))
 
     def _saved_accumulator(self, k):
         """Slot k's raw (unscaled) running sum, as a checkpoint stores it."""
@@ -594,22 +621,23 @@ class FusedAccumSGD(Optimizer):
         if self._micro_step > 0 and self._micro_step + 1 == self.accumulation_steps:
             self._hand_back(handback_scale)  # as the saving run did after this micro-step
 
-    def _sync_momentum_cache(self):
+    def _sync_state_cache(self):
         """Points the slot caches at the tensors in self.state (after load_state_dict)."""
         for k, p in enumerate(self._sorted):
             state = self.state.get(p, {})
-            self._buffers[k] = state.get("momentum_buffer")
-            self._flags[k] = state.get("momentum_initialized")
-        self._momentum_ready = [all(f is not None for f in self._flags[b.start:b.stop]) for b in self._buckets]
+            for key in self._SLOT_KEYS:
+                self._slot_state[key][k] = state.get(key)
+        self._sync_state_ready()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
-        """torch.optim.SGD's format (momentum under 'momentum_buffer') plus a 'gradfuse' entry
-        with the accumulators and micro-step position, so a mid-cycle save resumes exactly."""
+        """The torch optimizer's format plus a 'gradfuse' entry with the accumulators and
+        micro-step position, so a mid-cycle save resumes exactly."""
         return export_state(self, super().state_dict())
 
     def load_state_dict(self, state_dict):
-        """Loads a FusedAccumSGD or torch.optim.SGD state dict; everything is validated first."""
+        """Loads this optimizer's or the matching torch optimizer's state dict; everything is
+        validated first."""
         import_state(self, state_dict, super().load_state_dict)
 
 
@@ -622,7 +650,7 @@ def _foreach_mul_by_device(tensors, factor):
         torch._foreach_mul_(group, factor.to(device).reshape(()))
 
 
-def _check_no_shared_memory(params):
+def _check_no_shared_memory(params, name):
     """Parameters must not share memory: one update pass would write the same bytes twice. A
     DTensor is checked by its local shard (its own data_ptr() is not the memory it updates)."""
     locals_ = [(local_tensor(p), i) for i, p in enumerate(params)]
@@ -631,4 +659,4 @@ def _check_no_shared_memory(params):
     for (dev_a, _, end_a, i), (dev_b, start_b, _, j) in zip(spans, spans[1:]):
         if dev_a == dev_b and start_b < end_a:
             raise ValueError(f"parameters {min(i, j)} and {max(i, j)} share memory (views of one tensor?); "
-                             f"FusedAccumSGD needs every parameter in its own memory")
+                             f"{name} needs every parameter in its own memory")
