@@ -179,6 +179,41 @@ bool clipped_sgd_step(const py::handle& params_list, const py::handle& grads_lis
   return true;
 }
 
+bool clipped_adamw_step(const py::handle& params_list, const py::handle& grads_list, const py::handle& exp_avgs_list,
+                        const py::handle& exp_avg_sqs_list, const py::handle& max_exp_avg_sqs_list,
+                        const py::handle& state_steps_list, const py::handle& total_norm_object,
+                        const py::handle& lr_tensor_object, double lr, double beta1, double beta2, double eps,
+                        double weight_decay, bool amsgrad, bool maximize, double grad_scale, double max_norm,
+                        bool skip_nonfinite) {
+  const BorrowedTensors borrowed_params(params_list, "params");
+  const BorrowedTensors borrowed_grads(grads_list, "grads");
+  const BorrowedTensors borrowed_exp_avgs(exp_avgs_list, "exp_avgs");
+  const BorrowedTensors borrowed_exp_avg_sqs(exp_avg_sqs_list, "exp_avg_sqs");
+  const BorrowedTensors borrowed_max_exp_avg_sqs(max_exp_avg_sqs_list, "max_exp_avg_sqs");
+  const BorrowedTensors borrowed_steps(state_steps_list, "state_steps");
+  const std::vector<at::Tensor>& params = borrowed_params.tensors();
+  const std::vector<at::Tensor>& grads = borrowed_grads.tensors();
+  const std::vector<at::Tensor>& exp_avgs = borrowed_exp_avgs.tensors();
+  const std::vector<at::Tensor>& exp_avg_sqs = borrowed_exp_avg_sqs.tensors();
+  const std::vector<at::Tensor>& max_exp_avg_sqs = borrowed_max_exp_avg_sqs.tensors();
+  const std::vector<at::Tensor>& steps = borrowed_steps.tensors();
+  TORCH_CHECK_TYPE(THPVariable_Check(total_norm_object.ptr()), "total_norm must be a tensor");
+  const std::optional<at::Tensor> total_norm = THPVariable_Unpack(total_norm_object.ptr());
+  const std::optional<at::Tensor> lr_tensor = unpack_optional(lr_tensor_object, "lr_tensor");
+  const Backend backend = backend_of(params, *total_norm);
+  // No CUDA kernel yet: CUDA calls go through torch.ops, whose dispatcher reports the missing kernel.
+  if (backend != Backend::kCpu ||
+      any_needs_python_dispatch({&params, &grads, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs, &steps},
+                                {&total_norm, &lr_tensor})) {
+    return false;
+  }
+  const py::gil_scoped_release no_gil;
+  RECORD_FUNCTION("gradfuse::clipped_adamw_step_", std::vector<c10::IValue>());
+  cpu::clipped_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *total_norm, lr_tensor, lr,
+                           beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, max_norm, skip_nonfinite);
+  return true;
+}
+
 }  // namespace
 
 void bind_direct_calls(py::module& m) {
@@ -193,6 +228,11 @@ void bind_direct_calls(py::module& m) {
              py::arg("momentum_buffers"), py::arg("momentum_initialized"), py::arg("total_norm"),
              py::arg("lr_tensor"), py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"),
              py::arg("dampening"), py::arg("nesterov"), py::arg("maximize"), py::arg("grad_scale"),
+             py::arg("max_norm"), py::arg("skip_nonfinite"));
+  direct.def("clipped_adamw_step_", &clipped_adamw_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+             py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("state_steps"), py::arg("total_norm"),
+             py::arg("lr_tensor"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+             py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("grad_scale"),
              py::arg("max_norm"), py::arg("skip_nonfinite"));
 }
 

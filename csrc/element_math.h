@@ -3,6 +3,7 @@
 
 #include <c10/macros/Macros.h>
 #include <cmath>
+#include <type_traits>
 
 namespace gradfuse {
 
@@ -63,6 +64,90 @@ C10_HOST_DEVICE inline void sgd_update(
     d = s.nesterov ? d + V(s.momentum) * momentum_buffer : momentum_buffer;
   }
   param = param - V(s.lr) * d;
+}
+
+// Per-pass scalars of the AdamW update, in the math type. Those of the whole call (clip, 1/K,
+// maximize folded into grad_mult as for SGD) come first; step_size and bias_correction2_sqrt
+// depend on each tensor's own step and are set per tensor (adamw_tensor_scalars).
+template <typename T>
+struct AdamScalars {
+  T grad_mult;        // (maximize ? -1 : 1) * grad_scale * clip
+  T decay;            // 1 - lr * weight_decay: decoupled weight decay as one multiply
+  T lerp_weight;      // 1 - beta1, the weight of exp_avg.lerp_(grad, 1 - beta1)
+  T beta2;
+  T beta2_complement; // 1 - beta2
+  T eps;
+  T step_size;              // lr / (1 - beta1^step)
+  T bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+};
+
+// The step-dependent scalars of one tensor, formed in double and rounded once, as torch.optim's
+// single-tensor Adam forms them from Python floats. `step` is the already incremented count.
+template <typename T>
+C10_HOST_DEVICE inline void adamw_tensor_scalars(AdamScalars<T>& s, double lr, double beta1, double beta2,
+                                                 double step) {
+#if defined(__CUDA_ARCH__)
+  const double beta1_power = pow(beta1, step);
+  const double beta2_power = pow(beta2, step);
+#else
+  const double beta1_power = std::pow(beta1, step);
+  const double beta2_power = std::pow(beta2, step);
+#endif
+  s.step_size = static_cast<T>(lr / (1.0 - beta1_power));
+  s.bias_correction2_sqrt = static_cast<T>(square_root(1.0 - beta2_power));
+}
+
+// Lane-wise square root and NaN-propagating maximum (torch.maximum) of a scalar or an
+// at::vec::Vectorized; the vector forms are ATen's, found by argument-dependent lookup.
+template <typename V>
+C10_HOST_DEVICE inline V lane_sqrt(V x) {
+  if constexpr (std::is_arithmetic_v<V>) {
+#if defined(__CUDA_ARCH__)
+    return sqrt(x);
+#else
+    return std::sqrt(x);
+#endif
+  } else {
+    return x.sqrt();
+  }
+}
+
+template <typename V>
+C10_HOST_DEVICE inline V lane_max(V a, V b) {
+  if constexpr (std::is_arithmetic_v<V>) {
+    if (a != a) {
+      return a;
+    }
+    return (b != b || b > a) ? b : a;
+  } else {
+    return maximum(a, b);
+  }
+}
+
+// torch.lerp(start, end, weight) for a scalar weight, with torch's two formulas (the second
+// keeps weights near 1 exact at the end point).
+template <typename V, typename T>
+C10_HOST_DEVICE inline V lerp_like_torch(V start, V end, T weight) {
+  return weight < T(0.5) ? start + V(weight) * (end - start) : end - (end - start) * V(T(1) - weight);
+}
+
+// torch.optim.AdamW's update of one element (decoupled weight decay), V a scalar or an
+// at::vec::Vectorized. max_exp_avg_sq is read and written only when kAmsgrad.
+template <bool kAmsgrad, typename V, typename T>
+C10_HOST_DEVICE inline void adamw_update(V& param, V& exp_avg, V& exp_avg_sq, V& max_exp_avg_sq, V grad,
+                                         const AdamScalars<T>& s) {
+  const V g = grad * V(s.grad_mult);
+  param = param * V(s.decay);  // torch skips this when weight_decay == 0; x * 1 is x exactly
+  exp_avg = lerp_like_torch(exp_avg, g, s.lerp_weight);
+  exp_avg_sq = V(s.beta2) * exp_avg_sq + V(s.beta2_complement) * g * g;  // addcmul's (value * g) * g
+  V second_moment = exp_avg_sq;
+  if constexpr (kAmsgrad) {
+    max_exp_avg_sq = lane_max(max_exp_avg_sq, exp_avg_sq);
+    second_moment = max_exp_avg_sq;
+  }
+  const V denom = lane_sqrt(second_moment) / V(s.bias_correction2_sqrt) + V(s.eps);
+  // torch: param.addcdiv_(exp_avg, denom, value=-step_size); -(a * m) / d is (-a * m) / d exactly.
+  param = param - V(s.step_size) * exp_avg / denom;
 }
 
 // GradScaler's unscale factor, rounded to float32 exactly as torch.amp computes it.

@@ -19,5 +19,9 @@ void check_finalize_inputs(const at::Tensor& norm_state, const at::Tensor& skipp
 void check_step_inputs(at::TensorList params, at::TensorList grads, at::TensorList buffers,
                        at::TensorList initialized, const at::Tensor& total_norm,
                        const std::optional<at::Tensor>& lr_tensor, double momentum, const at::Device& device);
+void check_adamw_step_inputs(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                             const at::Tensor& total_norm, const std::optional<at::Tensor>& lr_tensor, double beta1,
+                             double beta2, double eps, bool amsgrad, const at::Device& device);
 
 }  // namespace gradfuse

@@ -50,6 +50,14 @@ TORCH_LIBRARY(gradfuse, m) {
         "Tensor(c!)[] momentum_initialized, Tensor total_norm, Tensor? lr_tensor, float lr, "
         "float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
         "float grad_scale, float max_norm, bool skip_nonfinite) -> ()");
+  // One pass: clip factor and skip decision from total_norm as for SGD, then torch.optim.AdamW's
+  // update of params and the moments with grads * grad_scale; each state_steps[i] (0-dim float32
+  // or float64, on the params' device) is incremented unless the step is skipped, and tensor i's
+  // bias corrections use its incremented value. max_exp_avg_sqs is used only with amsgrad.
+  m.def("clipped_adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor total_norm, "
+        "Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
+        "bool maximize, float grad_scale, float max_norm, bool skip_nonfinite) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gradfuse, CompositeExplicitAutograd, m) {
@@ -61,4 +69,5 @@ TORCH_LIBRARY_IMPL(gradfuse, CPU, m) {
   m.impl("accumulate_norm_", &gradfuse::cpu::accumulate_norm_);
   m.impl("finalize_norm_", &gradfuse::cpu::finalize_norm_);
   m.impl("clipped_sgd_step_", &gradfuse::cpu::clipped_sgd_step_);
+  m.impl("clipped_adamw_step_", &gradfuse::cpu::clipped_adamw_step_);
 }

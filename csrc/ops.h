@@ -21,6 +21,11 @@ void clipped_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLi
                        const std::optional<at::Tensor>& lr_tensor, double lr, double weight_decay,
                        double momentum, double dampening, bool nesterov, bool maximize,
                        double grad_scale, double max_norm, bool skip_nonfinite);
+void clipped_adamw_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                         const at::Tensor& total_norm, const std::optional<at::Tensor>& lr_tensor, double lr,
+                         double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+                         double grad_scale, double max_norm, bool skip_nonfinite);
 }  // namespace cpu
 
 #ifdef GRADFUSE_WITH_CUDA
@@ -36,6 +41,11 @@ void clipped_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLi
                        const std::optional<at::Tensor>& lr_tensor, double lr, double weight_decay,
                        double momentum, double dampening, bool nesterov, bool maximize,
                        double grad_scale, double max_norm, bool skip_nonfinite);
+void clipped_adamw_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                         const at::Tensor& total_norm, const std::optional<at::Tensor>& lr_tensor, double lr,
+                         double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+                         double grad_scale, double max_norm, bool skip_nonfinite);
 }  // namespace cuda
 #endif
 

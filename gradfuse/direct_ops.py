@@ -34,3 +34,15 @@ def clipped_sgd_step_(params, grads, momentum_buffers, momentum_initialized, tot
             float(grad_scale), max_norm_value, bool(skip_nonfinite))):
         ops.clipped_sgd_step_(params, grads, momentum_buffers, momentum_initialized, total_norm, lr, weight_decay,
                               momentum, dampening, nesterov, maximize, grad_scale, max_norm, skip_nonfinite)
+
+
+def clipped_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, total_norm, lr, beta1,
+                        beta2, eps, weight_decay, amsgrad, maximize, grad_scale, max_norm, skip_nonfinite):
+    lr_tensor, lr_value, max_norm_value = ops.step_scalars(lr, max_norm)
+    if not (_eager() and _direct.clipped_adamw_step_(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, total_norm, lr_tensor, lr_value,
+            float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize),
+            float(grad_scale), max_norm_value, bool(skip_nonfinite))):
+        ops.clipped_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, total_norm, lr,
+                                beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, max_norm,
+                                skip_nonfinite)

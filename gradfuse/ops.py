@@ -57,6 +57,24 @@ def clipped_sgd_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
         float(grad_scale), max_norm_value, bool(skip_nonfinite))
 
 
+def clipped_adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                        exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                        max_exp_avg_sqs: Sequence[torch.Tensor], state_steps: Sequence[torch.Tensor],
+                        total_norm: torch.Tensor, lr, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                        weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
+                        grad_scale: float = 1.0, max_norm: Optional[float] = None,
+                        skip_nonfinite: bool = True) -> None:
+    """One pass: clip factor and skip decision from total_norm (on the device, as for SGD), then
+    torch.optim.AdamW's update with grads * grad_scale; each state_steps[i] (0-dim float32 or
+    float64 on the params' device) goes up by one unless the step is skipped, and tensor i's bias
+    corrections use the new count. max_exp_avg_sqs is used only with amsgrad (else pass [])."""
+    lr_tensor, lr_value, max_norm_value = step_scalars(lr, max_norm)
+    torch.ops.gradfuse.clipped_adamw_step_(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
+        total_norm, lr_tensor, lr_value, float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad),
+        bool(maximize), float(grad_scale), max_norm_value, bool(skip_nonfinite))
+
+
 def step_scalars(lr, max_norm):
     """The schema's (lr_tensor, lr, max_norm) for a float or tensor lr and an optional max_norm."""
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
@@ -90,4 +108,11 @@ def _global_norm_fake(tensors, norm_type):
 def _clipped_sgd_step_fake(params, grads, momentum_buffers, momentum_initialized, total_norm, lr_tensor, lr,
                            weight_decay, momentum, dampening, nesterov, maximize, grad_scale, max_norm,
                            skip_nonfinite) -> None:
+    return None
+
+
+@torch.library.register_fake("gradfuse::clipped_adamw_step_")
+def _clipped_adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, total_norm, lr_tensor,
+                             lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, max_norm,
+                             skip_nonfinite) -> None:
     return None
