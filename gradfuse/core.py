@@ -317,15 +317,14 @@ class FusedAccumOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the last micro-batch
     def _hand_back(self, amp_scale):
-        """Before the cycle's last backward, each accumulator becomes .grad again: autograd adds
-        the last micro-batch into it in place, so DistributedDataParallel, leaving no_sync() for
-        that backward, all-reduces the whole cycle's sum once (and overlaps it with the backward).
-        DTensor (FSDP2) shards are not handed back: FSDP2 reduces every gradient it produces.
-        Under GradScaler the sum goes back scaled by this micro-batch's scale, like the gradient
-        the last backward adds to it, but only where ranks communicate: alone, an inf in an earlier
-        micro-batch would show in GradScaler's check of the last one and back the scale off twice."""
-        rounds = _distributed()
-        if amp_scale is not None and not rounds:
+        """Where ranks communicate, each accumulator becomes .grad again before the cycle's last
+        backward: autograd adds the last micro-batch into it in place, so DistributedDataParallel,
+        leaving no_sync() for that backward, all-reduces the whole cycle's sum once (overlapped
+        with the backward). Alone, the last micro-batch is added by the fused accumulate + norm
+        pass instead (4 B/param less than autograd's add followed by a norm pass). DTensor (FSDP2)
+        shards are not handed back: FSDP2 reduces every gradient it produces. Under GradScaler the
+        sum goes back scaled by this micro-batch's scale, like the gradient added to it."""
+        if not _distributed():
             return  # half-precision sums go back in the parameter dtype only when reduced
         grads = [None] * len(self._sorted)
         for b in self._buckets:
@@ -335,10 +334,8 @@ class FusedAccumOptimizer(Optimizer):
                 acc, p = self._accs[k], self._sorted[k]
                 if acc is None:
                     continue
-                if acc.dtype != p.dtype:
-                    if not rounds:
-                        continue
-                    acc = self._accs[k] = acc.to(p.dtype)  # DDP communicates in the parameter dtype anyway
+                if acc.dtype != p.dtype:  # DDP communicates in the parameter dtype anyway: rounded once here
+                    acc = self._accs[k] = acc.to(p.dtype)
                 grads[k] = acc
                 self._versions[k] = None  # autograd will add into it: no longer watched as untouched
                 self._handed[k] = acc._version
@@ -359,27 +356,19 @@ class FusedAccumOptimizer(Optimizer):
         backward (module.zero_grad()), the new gradient is added as usual."""
         codes = bytearray(codes)
         complete = []
-        # Alone and without GradScaler (whose inf check rewrites gradients in place), only autograd's
-        # one in-place add may touch a handed-back sum.
-        watch = not _distributed() and amp_scale is None and self._handback_scale is None
         for k, version in enumerate(self._handed):
             if version is None:
                 continue
             acc, g = self._accs[k], grads[k]
-            if g is acc:
-                if watch and acc._version > version + 1:
+            # g is acc: autograd added into it (and DDP without bucket views copied the reduced sum back).
+            if g is not acc:
+                if acc._version == version:
+                    continue  # .grad was replaced before the last backward: add the new gradient
+                if g is None:
                     raise RuntimeError(
-                        f"{self._name}: the gradient of {self._describe(self._order[k])} was modified in place "
-                        f"before the cycle's last backward (for example by module.zero_grad(set_to_none=False)); it "
-                        f"holds the sum of the cycle's earlier micro-batches. Use optimizer.zero_grad().")
-            elif acc._version != version and g is not None:
+                        f"{self._name}: the gradient of {self._describe(self._order[k])} held the cycle's running "
+                        f"sum and was changed, then removed, before step(); the earlier micro-batches are lost")
                 acc.copy_(g)  # DDP (gradient_as_bucket_view) rebound .grad to its bucket: the reduced sum
-            elif acc._version != version:
-                raise RuntimeError(
-                    f"{self._name}: the gradient of {self._describe(self._order[k])} held the cycle's running sum "
-                    f"and was changed, then removed, before step(); the cycle's earlier micro-batches are lost")
-            else:
-                continue  # .grad was replaced before the last backward: add the new gradient
             grads[k] = None
             codes[k] = _NONE[0]
             complete.append(acc)

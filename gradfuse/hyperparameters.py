@@ -66,6 +66,26 @@ def check_sgd_group(group, check_tensor_lr=True):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
+def check_adamw_group(group, check_tensor_lr=True):
+    """Per-group AdamW hyperparameters (lr, betas, eps, weight_decay, amsgrad, maximize), as
+    torch.optim.AdamW validates them, except that eps must be > 0 (0 can divide by zero)."""
+    check_not_optimizer_wide(group, "FusedAccumAdamW")
+    check_lr(group["lr"], check_tensor_lr)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for index, beta in enumerate(betas):
+        value = _real_number(f"betas[{index}]", beta)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+    eps = _real_number("eps", group["eps"])
+    if not 0.0 < eps < math.inf:
+        raise ValueError(f"Invalid epsilon value: {group['eps']} (must be > 0 and finite)")
+    _non_negative("weight_decay", group["weight_decay"], "weight_decay")
+    check_flag("amsgrad", group["amsgrad"])
+    check_flag("maximize", group["maximize"])
+
+
 def check_accumulation_steps(value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"accumulation_steps must be an integer >= 1, got {type(value).__name__} {value!r}")

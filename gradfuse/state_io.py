@@ -39,7 +39,7 @@ def _read_flags(flags):
     return values
 
 
-class _Invalid(Exception):
+class _Invalid(ValueError):
     """A reason the state dict cannot be loaded (raised as ValueError naming the optimizer)."""
 
 
@@ -129,7 +129,7 @@ def _like_param(value, param):
 def import_state(opt, state_dict, base_load):
     try:
         _validate(opt, state_dict)
-    except _Invalid as invalid:
+    except ValueError as invalid:  # _fail's, or a rule hook's
         raise ValueError(f"{opt._name}.load_state_dict: {invalid}") from None
     base = {"state": copy.copy(state_dict["state"]), "param_groups": state_dict["param_groups"]}
     base["state"] = {i: {k: v for k, v in s.items() if v is not None} for i, s in base["state"].items()}
