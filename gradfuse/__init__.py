@@ -1,7 +1,8 @@
 """gradfuse: fused gradient accumulation + global-norm clipping + SGD for PyTorch."""
 from . import ops
 from ._native import cuda_compiled
+from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from .optimizer import FusedAccumSGD
 
-__all__ = ["FusedAccumSGD", "ops", "cuda_compiled"]
+__all__ = ["FusedAccumSGD", "ops", "cuda_compiled", "clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm"]
 __version__ = "0.1.0"
