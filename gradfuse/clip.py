@@ -163,13 +163,27 @@ def _scale_(buckets, coefficient):
             # the fused scaling pass, reading the factor on the device like GradScaler's unscale.
             inverse = torch.reciprocal(device_coefficient).to(torch.float32)
             per_device[bucket.device] = (device_coefficient, inverse)
-        if bucket.dense:
+        for tensors in _occurrences(bucket.dense):
             if bucket.dtype == torch.float64:  # a float32 factor would cost float64 gradients precision
-                torch._foreach_mul_(bucket.dense, device_coefficient)
-            elif not (_eager() and _direct.accumulate_(bucket.dense, bucket.dense, 1.0, True, None, 2.0, inverse)):
-                ops.accumulate_(bucket.dense, bucket.dense, 1.0, True, None, 2.0, inverse)
+                torch._foreach_mul_(tensors, device_coefficient)
+            elif not (_eager() and _direct.accumulate_(tensors, tensors, 1.0, True, None, 2.0, inverse)):
+                ops.accumulate_(tensors, tensors, 1.0, True, None, 2.0, inverse)
         for t in bucket.strided:
             t.mul_(device_coefficient)
+
+
+def _occurrences(tensors):
+    """The list split into passes without repeats: a gradient listed twice (p2.grad = p1.grad) is
+    scaled twice, as torch does, but never by two threads at once."""
+    if len(set(map(id, tensors))) == len(tensors):
+        return [tensors] if tensors else []
+    passes, seen = [], {}
+    for t in tensors:
+        k = seen[id(t)] = seen.get(id(t), -1) + 1
+        if k == len(passes):
+            passes.append([])
+        passes[k].append(t)
+    return passes
 
 
 def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
