@@ -356,11 +356,14 @@ class FusedAccumOptimizer(Optimizer):
         backward (module.zero_grad()), the new gradient is added as usual."""
         codes = bytearray(codes)
         complete = []
+        allowed = 2 + (amp_scale is not None)  # autograd's add, DDP's copy back, GradScaler's inf check
         for k, version in enumerate(self._handed):
             if version is None:
                 continue
             acc, g = self._accs[k], grads[k]
             # g is acc: autograd added into it (and DDP without bucket views copied the reduced sum back).
+            if g is acc and acc._version > version + allowed:
+                raise RuntimeError(_changed_sum_message(self._name, self._describe(self._order[k])))
             if g is not acc:
                 if acc._version == version:
                     continue  # .grad was replaced before the last backward: add the new gradient
@@ -628,6 +631,15 @@ class FusedAccumOptimizer(Optimizer):
         """Loads this optimizer's or the matching torch optimizer's state dict; everything is
         validated first."""
         import_state(self, state_dict, super().load_state_dict)
+
+
+def _changed_sum_message(name, what):
+    return (f"{name}: the gradient of {what} was changed in place after the cycle's running sum was handed back "
+            f"as its .grad for the last micro-batch (by a framework's gradient clipping or accumulation, or "
+            f"module.zero_grad(set_to_none=False)?). With accumulation_steps > 1 under torch.distributed, clip "
+            f"with max_grad_norm= and accumulate with accumulation_steps= instead of the framework's options "
+            f"(Lightning's gradient_clip_val / accumulate_grad_batches, Accelerate's clip_grad_norm_ / "
+            f"gradient_accumulation_steps), and zero gradients with optimizer.zero_grad().")
 
 
 def _foreach_mul_by_device(tensors, factor):
