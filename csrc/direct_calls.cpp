@@ -201,16 +201,26 @@ bool clipped_adamw_step(const py::handle& params_list, const py::handle& grads_l
   const std::optional<at::Tensor> total_norm = THPVariable_Unpack(total_norm_object.ptr());
   const std::optional<at::Tensor> lr_tensor = unpack_optional(lr_tensor_object, "lr_tensor");
   const Backend backend = backend_of(params, *total_norm);
-  // No CUDA kernel yet: CUDA calls go through torch.ops, whose dispatcher reports the missing kernel.
-  if (backend != Backend::kCpu ||
+  if (backend == Backend::kOther ||
       any_needs_python_dispatch({&params, &grads, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs, &steps},
                                 {&total_norm, &lr_tensor})) {
     return false;
   }
   const py::gil_scoped_release no_gil;
   RECORD_FUNCTION("gradfuse::clipped_adamw_step_", std::vector<c10::IValue>());
-  cpu::clipped_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *total_norm, lr_tensor, lr,
-                           beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, max_norm, skip_nonfinite);
+  if (backend == Backend::kCuda) {
+#ifdef GRADFUSE_WITH_CUDA
+    cuda::clipped_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *total_norm, lr_tensor, lr,
+                              beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, max_norm,
+                              skip_nonfinite);
+#else
+    fail_without_cuda("gradfuse::clipped_adamw_step_");
+#endif
+  } else {
+    cpu::clipped_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *total_norm, lr_tensor, lr,
+                             beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, max_norm,
+                             skip_nonfinite);
+  }
   return true;
 }
 

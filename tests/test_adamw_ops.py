@@ -215,7 +215,7 @@ def test_float64_steps_and_lr_tensor_dtypes(device, gen):
 
 
 def test_many_tensors_more_than_one_launch(device, gen):
-    # 1200 tensors exceed a CUDA parameter table at the op's list depths (5 lists: 647, 6: 540).
+    # 1200 tensors exceed a CUDA parameter table at the op's list depths (5 lists: 623, 6: 540).
     shapes = [(1 + i % 37,) for i in range(1200)] + [(40_000,)]
     state = make_state(device, gen, (F32, F32), shapes=shapes, steps=[i % 5 for i in range(len(shapes))])
     hyper = hyperparameters(amsgrad=True, weight_decay=0.01, max_norm=1.0)
@@ -472,6 +472,8 @@ def test_bitwise_deterministic_and_thread_count_independent(gen, dtype):
 @pytest.mark.parametrize("pair", STEP_PAIRS, ids=pair_id)
 def test_cuda_matches_cpu_bitwise(gen, pair):
     # Same element math, no contraction on either side, bias corrections from the same doubles.
+    # Only beta^step comes from two libraries (glibc's pow, CUDA's pow: within 2 ulps in double);
+    # rounded to float32 it agrees, but float64 params may differ in their last bits.
     state = make_state("cpu", gen, pair)
     on_cuda = {k: [t.cuda() for t in v] for k, v in state.items()}
     hyper = hyperparameters(amsgrad=True, weight_decay=0.01, grad_scale=0.5, max_norm=1.0)
@@ -479,7 +481,11 @@ def test_cuda_matches_cpu_bitwise(gen, pair):
     run_op(state, torch.tensor(3.0, dtype=F64), lr, **hyper)
     run_op(on_cuda, torch.tensor(3.0, dtype=F64, device="cuda"), lr.cuda(), **hyper)
     for key in state:
-        assert_bitwise_all([t.cpu() for t in on_cuda[key]], state[key], f"CUDA vs CPU {key}")
+        if key == "params" and pair[0] == F64:
+            for got, want in zip(on_cuda[key], state[key]):
+                torch.testing.assert_close(got.cpu(), want, rtol=4e-16, atol=0)
+        else:
+            assert_bitwise_all([t.cpu() for t in on_cuda[key]], state[key], f"CUDA vs CPU {key}")
 
 
 @requires_cuda

@@ -8,4 +8,5 @@ TORCH_LIBRARY_IMPL(gradfuse, CUDA, m) {
   m.impl("accumulate_norm_", &gradfuse::cuda::accumulate_norm_);
   m.impl("finalize_norm_", &gradfuse::cuda::finalize_norm_);
   m.impl("clipped_sgd_step_", &gradfuse::cuda::clipped_sgd_step_);
+  m.impl("clipped_adamw_step_", &gradfuse::cuda::clipped_adamw_step_);
 }

@@ -6,6 +6,7 @@
 #include "../static_switch.h"
 #include "../tensor_checks.h"
 #include "cuda_device.h"
+#include "device_lr.cuh"
 #include "multi_tensor_apply.cuh"
 #include "vector_io.cuh"
 
@@ -13,37 +14,11 @@
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 namespace gradfuse::cuda {
 namespace {
 
 constexpr const char* kStepOp = "gradfuse::clipped_sgd_step_";
-
-// Where the learning rate comes from: the host value or a 1-element device tensor of this dtype.
-enum class LrSource : int { kValue, kFloat, kDouble, kHalf, kBFloat16 };
-
-struct DeviceLr {
-  const void* ptr;
-  LrSource source;
-  double value;
-
-  __device__ __forceinline__ double read() const {
-    switch (source) {
-      case LrSource::kFloat:
-        return static_cast<double>(*static_cast<const float*>(ptr));
-      case LrSource::kDouble:
-        return *static_cast<const double*>(ptr);
-      case LrSource::kHalf:
-        return static_cast<double>(static_cast<float>(*static_cast<const c10::Half*>(ptr)));
-      case LrSource::kBFloat16:
-        return static_cast<double>(static_cast<float>(*static_cast<const c10::BFloat16*>(ptr)));
-      default:
-        return value;
-    }
-  }
-};
 
 // Host-side settings of one step; the norm-dependent parts are resolved per block on the device.
 struct StepSettings {
@@ -166,26 +141,6 @@ void sgd_step_typed(at::TensorList params, at::TensorList grads, at::TensorList 
   } else {
     const MultiTensorLaunch<2, Op> launch({params, grads}, {true, false}, device);
     launch.launch(stream, make_op);
-  }
-}
-
-// The lr tensor read in place by the kernels (float dtypes), or a float64 copy made on the device.
-DeviceLr resolve_lr(const std::optional<at::Tensor>& lr_tensor, double lr, at::Tensor& holder) {
-  if (!lr_tensor.has_value()) {
-    return DeviceLr{nullptr, LrSource::kValue, lr};
-  }
-  switch (lr_tensor->scalar_type()) {
-    case at::kFloat:
-      return DeviceLr{lr_tensor->const_data_ptr(), LrSource::kFloat, 0.0};
-    case at::kDouble:
-      return DeviceLr{lr_tensor->const_data_ptr(), LrSource::kDouble, 0.0};
-    case at::kHalf:
-      return DeviceLr{lr_tensor->const_data_ptr(), LrSource::kHalf, 0.0};
-    case at::kBFloat16:
-      return DeviceLr{lr_tensor->const_data_ptr(), LrSource::kBFloat16, 0.0};
-    default:
-      holder = lr_tensor->to(at::kDouble);  // other dtypes: an asynchronous device-side conversion
-      return DeviceLr{holder.const_data_ptr(), LrSource::kDouble, 0.0};
   }
 }
 
