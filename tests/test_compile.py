@@ -100,6 +100,19 @@ def test_compiled_optimizer_step(device):
     run_and_check(device, train_one, model, opt)
 
 
+def test_fullgraph_around_step_raises_instead_of_training_silently(device):
+    model = make_model(device)
+    opt = FusedAccumSGD(model.parameters(), **HYPER)
+    model(batches(device)[0]).pow(2).mean().backward()
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step():
+        opt.step()
+    with pytest.raises(Exception, match="(?i)skip|disable|graph break"):
+        step()
+    assert opt.micro_step == 0
+
+
 def test_ops_trace_under_compile(device):
     # The ops themselves have fake implementations: a compiled norm of a list is the eager norm.
     from gradfuse import ops
