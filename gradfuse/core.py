@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from . import direct_ops, ops
 from . import hyperparameters as hp
 from ._native import GradientInspector, first_modified, inspect_parameters
+from .backward_accumulation import BackwardAccumulation
 from .distributed_norm import all_reduce_norm_state_, is_dtensor, local_tensor, shard_groups
 from .state_io import export_state, import_state
 
@@ -63,8 +64,10 @@ class FusedAccumOptimizer(Optimizer):
     _SLOT_KEYS: tuple = ()
 
     def __init__(self, params, defaults, *, accumulation_steps=1, max_grad_norm=None, norm_type=2.0,
-                 skip_nonfinite=True, error_if_nonfinite=False, accum_dtype=None, process_group=None):
+                 skip_nonfinite=True, error_if_nonfinite=False, accum_dtype=None, process_group=None,
+                 accumulate_in_backward=False):
         self._name = type(self).__name__
+        self._backward = None
         self.accumulation_steps = hp.check_accumulation_steps(accumulation_steps)
         self.max_grad_norm = hp.check_max_grad_norm(max_grad_norm)
         self.norm_type = hp.check_norm_type(norm_type)
@@ -79,6 +82,12 @@ class FusedAccumOptimizer(Optimizer):
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._skipped_steps: Optional[torch.Tensor] = None
         super().__init__(params, defaults)
+        if hp.check_flag("accumulate_in_backward", accumulate_in_backward):
+            if _distributed():
+                raise ValueError(f"{self._name}: accumulate_in_backward=True cannot run under torch.distributed: "
+                                 f"DDP and FSDP read .grad after the hook would have freed it")
+            self._backward = BackwardAccumulation(self)
+            self._backward.attach()
 
     def _check_group(self, group, check_tensor_lr=True):
         raise NotImplementedError
@@ -157,6 +166,8 @@ class FusedAccumOptimizer(Optimizer):
             self._buckets[-1].stop = k + 1
         self._has_sharded = any(b.sharded for b in self._buckets)
         self._remap_slot_state()
+        if self._backward is not None:
+            self._backward.attach()  # hooks know their slot: new layout, new hooks
 
     def _remap_slot_state(self):
         """Re-aligns the per-slot state lists with a (possibly new) slot order."""
@@ -300,6 +311,9 @@ class FusedAccumOptimizer(Optimizer):
         amp_scale = getattr(self, "grad_scale", None)
         if amp_scale is not None and (not isinstance(amp_scale, torch.Tensor) or amp_scale.numel() != 1):
             raise TypeError(f"{self._name}: grad_scale must be GradScaler's 1-element scale tensor, got {amp_scale!r}")
+        if amp_scale is not None and self._backward is not None:
+            raise RuntimeError(f"{self._name}: accumulate_in_backward=True cannot be used with GradScaler: the "
+                               f"gradients are accumulated during backward, before scaler.step() gives the scale")
         # An AMP micro-batch with inf/nan gradients makes A non-finite: such cycles are always skipped.
         self._amp_cycle = self._amp_cycle or amp_scale is not None or getattr(self, "found_inf", None) is not None
         boundary = self._micro_step + 1 == self.accumulation_steps

@@ -1,0 +1,93 @@
+"""Peak memory of an open accumulation cycle: torch's loop (autograd adds into .grad), gradfuse's
+default mode (accumulators + each micro-batch's .grad) and accumulate_in_backward=True
+(accumulators + about one layer's gradient).
+
+    python -m benchmarks.peak_memory --device cpu|cuda [--layers 8 --width 2048 --k 4]
+
+Each mode runs in its own process. On CPU the peak is the process's maximum resident set
+(ru_maxrss) minus the resident set once the model and data exist; on CUDA torch's
+max_memory_allocated minus the allocation at that point. Momentum-free SGD, so the optimizer
+holds nothing but its accumulators."""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+MODES = ("torch", "gradfuse", "gradfuse_backward")
+
+
+def resident_bytes():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def measure_mode(mode, device, layers, width, k):
+    """Runs two full cycles of one mode in this process; returns its peak above the baseline in bytes."""
+    import torch
+    from torch import nn
+
+    import gradfuse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)]).to(device)
+    x = torch.randn(8, width, device=device)
+    if mode == "torch":
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    else:
+        opt = gradfuse.FusedAccumSGD(model.parameters(), lr=1e-3, accumulation_steps=k, max_grad_norm=1.0,
+                                     accumulate_in_backward=mode == "gradfuse_backward")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resident_bytes()
+    for step in range(2 * k):
+        (model(x).square().mean() / (k if mode == "torch" else 1)).backward()
+        if mode == "torch":
+            if (step + 1) % k == 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad()
+        else:
+            opt.step()
+            opt.zero_grad()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def run_all(device, layers, width, k):
+    """{mode: peak bytes above baseline}, each mode in a fresh process."""
+    peaks = {}
+    for mode in MODES:
+        out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", "--one", mode, "--device", device,
+                              "--layers", str(layers), "--width", str(width), "--k", str(k)],
+                             capture_output=True, text=True, check=True)
+        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return peaks
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps({"peak_bytes": measure_mode(args.one, args.device, args.layers, args.width, args.k)}))
+        return
+    param_bytes = args.layers * args.width * args.width * 4
+    peaks = run_all(args.device, args.layers, args.width, args.k)
+    print(f"peak memory above model + data, {args.layers} x Linear({args.width}) fp32 ({param_bytes / 2**20:.0f} MiB "
+          f"of parameters), K={args.k}, {args.device}")
+    for mode, peak in peaks.items():
+        print(f"{mode:18} {peak / 2**20:8.0f} MiB  ({peak / param_bytes:.2f} x parameter bytes)")
+
+
+if __name__ == "__main__":
+    main()
