@@ -12,12 +12,10 @@ accelerate = pytest.importorskip("accelerate")
 
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from gradfuse import FusedAccumSGD  # noqa: E402
+from problems import BATCH, BATCHES, make_client_problem as make_problem  # noqa: E402
+from problems import CLIENT_OPT as OPT  # noqa: E402
 from tolerances import assert_bitwise  # noqa: E402
 
-F64 = torch.float64
-BATCH, BATCHES = 4, 12
-# max_grad_norm well below the gradients' norm (about 1-10 here), so gradfuse's clip is active.
-OPT = dict(lr=0.1, momentum=0.9, weight_decay=0.01, max_grad_norm=0.5)
 
 
 @pytest.fixture(autouse=True)
@@ -26,17 +24,6 @@ def _fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-
-
-def make_problem(gen):
-    """A tiny float64 MLP with random weights and BATCHES random regression batches."""
-    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(F64)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64))
-    x = torch.randn(BATCH * BATCHES, 4, generator=gen, dtype=F64)
-    y = torch.randn(BATCH * BATCHES, 1, generator=gen, dtype=F64)
-    return net, (x, y)
 
 
 def train(net, data, opt_kwargs, accumulation=1, clip_val=None):

@@ -11,22 +11,13 @@ from torch import nn
 
 import reference as ref
 import reference_adamw as ref_adamw
-from data import generator, randn
+from data import randn
 from gradfuse import FusedAccumAdamW
+from problems import batches, make_model
 from tolerances import assert_bitwise, assert_close
 
 F32, F64 = torch.float32, torch.float64
 HYPER = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-
-
-def make_model(seed, dtype, device):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 17), nn.Tanh(), nn.Linear(17, 3)).to(device=device, dtype=dtype)
-
-
-def batches(seed, n, dtype, device):
-    gen = generator(seed)
-    return [(randn((5, 6), dtype, device, gen), randn((5, 3), dtype, device, gen)) for _ in range(n)]
 
 
 def torch_reference(model, data, k, max_norm, **hyper):

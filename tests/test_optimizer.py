@@ -11,6 +11,7 @@ import harness
 import reference as ref
 from data import DTYPES, EDGE_SHAPES, SMALL_SHAPES, generator, randn
 from gradfuse import FusedAccumSGD
+from problems import batches, make_model
 from tolerances import assert_bitwise, assert_close, assert_scalar_close
 
 F32, F64 = torch.float32, torch.float64
@@ -161,16 +162,6 @@ def test_cycle_without_any_gradient_updates_nothing_and_warns_once(device, gen):
 
 
 # ------------------------------------------------------------------ vs torch.optim.SGD on a real model
-def make_model(seed, dtype, device):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 17), nn.Tanh(), nn.Linear(17, 3)).to(device=device, dtype=dtype)
-
-
-def batches(seed, n, dtype, device):
-    gen = generator(seed)
-    return [(randn((5, 6), dtype, device, gen), randn((5, 3), dtype, device, gen)) for _ in range(n)]
-
-
 def mean_gradients_into_grad(model, sgd, micro_batches):
     """Manual accumulation: p.grad = the mean of the micro-batches' gradients."""
     params = list(model.parameters())
