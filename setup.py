@@ -82,19 +82,48 @@ def default_arch_list():
     return "8.0;9.0+PTX"
 
 
-def host_cpu_flags():
-    """AVX2/FMA for at::vec when the build machine has them (the extension is built where it runs)."""
-    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("GRADFUSE_PORTABLE") == "1":
-        return []
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return []
-    if " avx2" not in flags or " fma" not in flags:
-        return []
-    extra = ["-mavx512f"] if " avx512f" in flags else []  # the 2-norm's float->double widening
-    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] + extra
+# The CPU hot loops (csrc/cpu/kernels/) are compiled once per instruction set, each with its own
+# CPU_CAPABILITY namespace as in ATen; csrc/cpu/cpu_capability.cpp picks one at run time. Everything
+# else is baseline code, so the extension runs on any CPU of its architecture, whatever built it.
+KERNEL_SOURCES = sorted(glob.glob(os.path.join("csrc", "cpu", "kernels", "*.cpp")))
+CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    # -Wno-maybe-uninitialized: ATen's AVX-512 half conversions hand GCC an undefined vector.
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-Wno-maybe-uninitialized"],
+}
+
+
+def cpu_capabilities():
+    """The kernel builds for the target architecture (x86-64: all three; elsewhere the portable one)."""
+    if platform.machine() in ("x86_64", "AMD64"):
+        return list(CAPABILITY_FLAGS)
+    return ["DEFAULT"]
+
+
+def capability_defines(capability):
+    return [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+
+
+def with_cpu_kernels(build_ext_base):
+    """build_ext that compiles KERNEL_SOURCES once per capability and links the objects in."""
+
+    class BuildWithCpuKernels(build_ext_base):
+        def build_extension(self, ext):
+            baseline_only = ("-DCPU_CAPABILITY", "-DGRADFUSE_CPU_KERNELS_")
+            common = [f for f in ext.extra_compile_args["cxx"] if not f.startswith(baseline_only)]
+            objects = []
+            for capability in cpu_capabilities():
+                flags = common + capability_defines(capability) + CAPABILITY_FLAGS[capability]
+                objects += self.compiler.compile(
+                    KERNEL_SOURCES, output_dir=os.path.join(self.build_temp, f"cpu-{capability.lower()}"),
+                    macros=ext.define_macros, include_dirs=ext.include_dirs, extra_postargs={"cxx": flags},
+                    depends=ext.depends)
+            ext.extra_objects = [o for o in ext.extra_objects if o not in objects] + objects
+            super().build_extension(ext)
+
+    return BuildWithCpuKernels
 
 
 def build_extension():
@@ -112,15 +141,18 @@ def build_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -ffp-contract=off / -fmad=false: no fused multiply-adds, so the CPU vector loops, their scalar
     # tails and the CUDA kernels all round every product and sum the same way.
-    cxx_flags = ["-O3", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"] + host_cpu_flags()
-    if "CPU_CAPABILITY=AVX2" not in " ".join(cxx_flags):
-        cxx_flags.append("-DCPU_CAPABILITY=DEFAULT")
+    cxx_flags = ["-O3", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]
+    cxx_flags += capability_defines("DEFAULT")
+    cxx_flags += [f"-DGRADFUSE_CPU_KERNELS_{c}" for c in cpu_capabilities() if c != "DEFAULT"]
     # at::parallel_for is an inline OpenMP loop: without -fopenmp every CPU kernel runs on one thread.
     cxx_flags.append("-fopenmp")
     link_flags = ["-fopenmp"]
+    # setuptools relinks only when one of these is newer than the built module.
+    depends = KERNEL_SOURCES + sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True) +
+                                      glob.glob(os.path.join("csrc", "**", "*.cuh"), recursive=True))
     if cuda_home is None:
         extension = CppExtension("gradfuse._C", sources, extra_compile_args={"cxx": cxx_flags},
-                                 extra_link_args=link_flags)
+                                 extra_link_args=link_flags, depends=depends)
         return extension, BuildExtension
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     # No --use_fast_math: CUDA must round (and keep subnormals) exactly like the CPU path.
@@ -129,12 +161,12 @@ def build_extension():
         nvcc_flags.append("-Xptxas=-v")  # register / spill report per kernel
     cxx_flags.append("-DGRADFUSE_WITH_CUDA")
     extension = CUDAExtension("gradfuse._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-                              extra_link_args=link_flags)
+                              extra_link_args=link_flags, depends=depends)
     return extension, BuildExtension
 
 
 extension, build_ext = build_extension()
 setup(
     ext_modules=[extension],
-    cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
+    cmdclass={"build_ext": with_cpu_kernels(build_ext).with_options(use_ninja=True)},
 )

@@ -1,11 +1,32 @@
 // Element math shared by the CPU loops and the CUDA kernels: one definition of every formula.
 #pragma once
 
+#include "cpu/capability_namespace.h"
+
 #include <c10/macros/Macros.h>
 #include <cmath>
 #include <type_traits>
 
 namespace gradfuse {
+
+// Constant term torch.nn.utils.clip_grad_norm_ adds to the norm before dividing.
+constexpr double kClipEpsilon = 1e-6;
+
+// Per-pass scalars of the SGD update, already resolved on the device (clip, 1/K and
+// maximize are folded into grad_mult so the hot loop does one multiply for them).
+template <typename T>
+struct SgdScalars {
+  T grad_mult;
+  T lr;
+  T weight_decay;
+  T momentum;
+  T dampening_complement;  // 1 - dampening
+  bool use_momentum;
+  bool nesterov;
+};
+
+// Functions (not types) are per CPU capability: they are instantiated in every kernel build.
+GRADFUSE_CAPABILITY_NAMESPACE_BEGIN
 
 // Math functions spelled for both compilers (host std:: and device built-ins).
 C10_HOST_DEVICE inline bool is_finite(double x) {
@@ -31,22 +52,6 @@ C10_HOST_DEVICE inline double square_root(double x) {
   return std::sqrt(x);
 #endif
 }
-
-// Constant term torch.nn.utils.clip_grad_norm_ adds to the norm before dividing.
-constexpr double kClipEpsilon = 1e-6;
-
-// Per-pass scalars of the SGD update, already resolved on the device (clip, 1/K and
-// maximize are folded into grad_mult so the hot loop does one multiply for them).
-template <typename T>
-struct SgdScalars {
-  T grad_mult;
-  T lr;
-  T weight_decay;
-  T momentum;
-  T dampening_complement;  // 1 - dampening
-  bool use_momentum;
-  bool nesterov;
-};
 
 // torch.optim.SGD's update for one element (V is a scalar or an at::vec::Vectorized).
 template <typename V, typename T>
@@ -197,4 +202,5 @@ C10_HOST_DEVICE inline double norm_finalize(double accumulated, bool nonfinite, 
   return norm;
 }
 
+GRADFUSE_CAPABILITY_NAMESPACE_END
 }  // namespace gradfuse

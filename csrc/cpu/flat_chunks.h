@@ -3,16 +3,14 @@
 // per-chunk partial results reduced in chunk order are bitwise reproducible.
 #pragma once
 
+#include "kernel_api.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
-#include <algorithm>
 #include <vector>
 
 namespace gradfuse::cpu {
-
-// Elements per chunk: large enough to amortise the call, small enough to balance 2..64 threads.
-constexpr int64_t kChunkElements = 16384;
 
 class FlatChunks {
  public:
@@ -25,24 +23,8 @@ class FlatChunks {
   int64_t total_elements() const { return offsets_.back(); }
   int64_t num_chunks() const { return (total_elements() + kChunkElements - 1) / kChunkElements; }
 
-  // Calls segment(tensor_index, begin, end) for every piece of a tensor inside the chunk.
-  template <typename Segment>
-  void for_each_segment(int64_t chunk, const Segment& segment) const {
-    const int64_t lo = chunk * kChunkElements;
-    const int64_t hi = std::min(lo + kChunkElements, total_elements());
-    // First tensor whose range ends after lo (empty tensors are skipped naturally).
-    auto it = std::upper_bound(offsets_.begin(), offsets_.end(), lo);
-    for (int64_t t = (it - offsets_.begin()) - 1; t + 1 < static_cast<int64_t>(offsets_.size()); ++t) {
-      const int64_t start = std::max(lo, offsets_[t]);
-      const int64_t stop = std::min(hi, offsets_[t + 1]);
-      if (offsets_[t] >= hi) {
-        break;
-      }
-      if (stop > start) {
-        segment(t, start - offsets_[t], stop - offsets_[t]);
-      }
-    }
-  }
+  // The layout the kernels walk (valid while this object lives).
+  FlatLayout layout() const { return FlatLayout{offsets_.data(), static_cast<int64_t>(offsets_.size()) - 1}; }
 
   // Runs chunk_fn(chunk) for every chunk, in parallel when there is enough work.
   template <typename ChunkFn>

@@ -2,6 +2,8 @@
 // (float for float/half/bfloat16 storage, double for double storage).
 #pragma once
 
+#include "capability_namespace.h"
+
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -9,6 +11,7 @@
 #include <type_traits>
 
 namespace gradfuse::cpu {
+GRADFUSE_CAPABILITY_NAMESPACE_BEGIN
 
 template <typename T>
 using OpVec = at::vec::Vectorized<at::opmath_type<T>>;
@@ -46,4 +49,5 @@ inline math_t to_math(T value) {
   return static_cast<math_t>(value);
 }
 
+GRADFUSE_CAPABILITY_NAMESPACE_END
 }  // namespace gradfuse::cpu

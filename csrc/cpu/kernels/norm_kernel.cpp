@@ -1,0 +1,34 @@
+// accumulate_norm_'s read-only pass over one chunk, built once per CPU capability.
+#include "../../static_switch.h"
+#include "../chunk_segments.h"
+#include "../kernel_api.h"
+#include "../norm_accumulator.h"
+#include "../storage_dispatch.h"
+
+namespace gradfuse::cpu {
+GRADFUSE_CAPABILITY_NAMESPACE_BEGIN
+namespace {
+
+template <typename T, bool kInfNorm>
+double norm_chunk_typed(const NormArgs& args, int64_t chunk) {
+  NormAccumulator<kInfNorm> norm;
+  for_each_segment(args.layout, chunk, [&](int64_t t, int64_t begin, int64_t end) {
+    norm.template add_block</*kStreaming=*/true>(static_cast<const T*>(args.tensors[t]) + begin, end - begin);
+  });
+  return norm.total();
+}
+
+}  // namespace
+
+// flatten: every helper is inlined here, so this build emits no shared copy of an inline function.
+__attribute__((flatten)) double norm_chunk(const NormArgs& args, int64_t chunk) {
+  double partial = 0.0;
+  dispatch_storage(args.type, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    partial = GRADFUSE_BOOL_SWITCH(args.inf_norm, kInfNorm, [&] { return norm_chunk_typed<T, kInfNorm>(args, chunk); });
+  });
+  return partial;
+}
+
+GRADFUSE_CAPABILITY_NAMESPACE_END
+}  // namespace gradfuse::cpu
