@@ -1,18 +1,19 @@
 // The AdamW update's hot loop over one contiguous run of elements: a vector body and a scalar
-// tail that run the same element math (adamw_update). Self-contained, so a translation unit
-// built for one CPU capability can instantiate it on its own.
+// tail that run the same element math (adamw_update), instantiated once per CPU capability.
 #pragma once
 
 #include "../element_math.h"
+#include "capability_namespace.h"
 #include "vec_io.h"
 
 #include <cstdint>
 
 namespace gradfuse::cpu {
+GRADFUSE_CAPABILITY_NAMESPACE_BEGIN
 
 // max_exp_avg_sq is read and written only when kAmsgrad (it may be null otherwise).
 template <typename param_t, typename grad_t, bool kAmsgrad>
-void adamw_segment(param_t* param, const grad_t* grad, param_t* exp_avg, param_t* exp_avg_sq,
+inline void adamw_segment(param_t* param, const grad_t* grad, param_t* exp_avg, param_t* exp_avg_sq,
                    param_t* max_exp_avg_sq, int64_t n,
                    // By value: the stores below may alias a referenced struct, forcing a reload of
                    // every scalar in each iteration.
@@ -48,4 +49,5 @@ void adamw_segment(param_t* param, const grad_t* grad, param_t* exp_avg, param_t
   }
 }
 
+GRADFUSE_CAPABILITY_NAMESPACE_END
 }  // namespace gradfuse::cpu

@@ -1,15 +1,11 @@
 // clipped_adamw_step_ on the CPU: the clip factor and skip decision come from the norm tensor
 // (the rules SGD uses), bias corrections from each tensor's own step count, and the update is
-// one sweep over params and moments (adamw_segment.h holds the hot loop).
+// one sweep over params and moments (kernels/adamw_kernel.cpp, per CPU capability, holds the hot loop).
 #include "../element_math.h"
 #include "../op_checks.h"
 #include "../ops.h"
-#include "../static_switch.h"
-#include "adamw_segment.h"
+#include "cpu_capability.h"
 #include "flat_chunks.h"
-#include "vec_io.h"
-
-#include <ATen/Dispatch.h>
 
 #include <vector>
 
@@ -37,6 +33,20 @@ void store_steps(at::TensorList state_steps, const std::vector<double>& steps) {
   }
 }
 
+// The scalars every tensor of the call shares, in the math type.
+template <typename math_t>
+AdamScalars<math_t> common_scalars(double grad_mult, double lr, double weight_decay, double beta1, double beta2,
+                                   double eps) {
+  AdamScalars<math_t> common{};
+  common.grad_mult = static_cast<math_t>(grad_mult);
+  common.decay = static_cast<math_t>(1.0 - lr * weight_decay);
+  common.lerp_weight = static_cast<math_t>(1.0 - beta1);
+  common.beta2 = static_cast<math_t>(beta2);
+  common.beta2_complement = static_cast<math_t>(1.0 - beta2);
+  common.eps = static_cast<math_t>(eps);
+  return common;
+}
+
 // The call's scalars completed per tensor with the bias corrections of its step.
 template <typename math_t>
 std::vector<AdamScalars<math_t>> per_tensor_scalars(const AdamScalars<math_t>& common, const std::vector<double>& steps,
@@ -50,25 +60,6 @@ std::vector<AdamScalars<math_t>> per_tensor_scalars(const AdamScalars<math_t>& c
     }
   }
   return scalars;
-}
-
-template <typename param_t, typename grad_t, bool kAmsgrad>
-void adamw_step_typed(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                      const std::vector<AdamScalars<at::opmath_type<param_t>>>& scalars) {
-  const FlatChunks chunks(params);
-  const auto param_ptrs = data_pointers<param_t>(params);
-  const auto grad_ptrs = data_pointers<const grad_t>(grads);
-  const auto exp_avg_ptrs = data_pointers<param_t>(exp_avgs);
-  const auto exp_avg_sq_ptrs = data_pointers<param_t>(exp_avg_sqs);
-  const auto max_ptrs = data_pointers<param_t>(kAmsgrad ? max_exp_avg_sqs : at::TensorList());
-  chunks.parallel_for_chunks([&](int64_t c) {
-    chunks.for_each_segment(c, [&](int64_t t, int64_t begin, int64_t end) {
-      param_t* v_max = kAmsgrad ? max_ptrs[t] + begin : nullptr;
-      adamw_segment<param_t, grad_t, kAmsgrad>(param_ptrs[t] + begin, grad_ptrs[t] + begin, exp_avg_ptrs[t] + begin,
-                                               exp_avg_sq_ptrs[t] + begin, v_max, end - begin, scalars[t]);
-    });
-  });
 }
 
 }  // namespace
@@ -87,29 +78,24 @@ void clipped_adamw_step_(at::TensorList params, at::TensorList grads, at::Tensor
   const double effective_lr = lr_tensor.has_value() ? lr_tensor->item<double>() : lr;
   const double grad_mult = (maximize ? -1.0 : 1.0) * grad_scale * clip_coefficient(norm, max_norm);
   const std::vector<double> steps = incremented_steps(state_steps);
-  const at::ScalarType grad_type = grads[0].scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "gradfuse_adamw_cpu", [&] {
-    using math_t = at::opmath_type<scalar_t>;
-    AdamScalars<math_t> common{};
-    common.grad_mult = static_cast<math_t>(grad_mult);
-    common.decay = static_cast<math_t>(1.0 - effective_lr * weight_decay);
-    common.lerp_weight = static_cast<math_t>(1.0 - beta1);
-    common.beta2 = static_cast<math_t>(beta2);
-    common.beta2_complement = static_cast<math_t>(1.0 - beta2);
-    common.eps = static_cast<math_t>(eps);
-    const auto scalars = per_tensor_scalars(common, steps, effective_lr, beta1, beta2);
-    GRADFUSE_BOOL_SWITCH(amsgrad, kAmsgrad, [&] {
-      if constexpr (is_reduced_float_v<scalar_t>) {
-        if (grad_type == at::kFloat) {
-          adamw_step_typed<scalar_t, float, kAmsgrad>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                                      scalars);
-          return;
-        }
-      }
-      adamw_step_typed<scalar_t, scalar_t, kAmsgrad>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                                     scalars);
-    });
-  });
+  const FlatChunks chunks(params);
+  const auto param_ptrs = data_pointers<void>(params);
+  const auto grad_ptrs = data_pointers<const void>(grads);
+  const auto exp_avg_ptrs = data_pointers<void>(exp_avgs);
+  const auto exp_avg_sq_ptrs = data_pointers<void>(exp_avg_sqs);
+  const auto max_ptrs = data_pointers<void>(amsgrad ? max_exp_avg_sqs : at::TensorList());
+  const auto float_scalars = per_tensor_scalars(
+      common_scalars<float>(grad_mult, effective_lr, weight_decay, beta1, beta2, eps), steps, effective_lr, beta1, beta2);
+  const auto double_scalars = params[0].scalar_type() == at::kDouble
+      ? per_tensor_scalars(common_scalars<double>(grad_mult, effective_lr, weight_decay, beta1, beta2, eps), steps,
+                           effective_lr, beta1, beta2)
+      : std::vector<AdamScalars<double>>();
+  const AdamwArgs args{chunks.layout(),          param_ptrs.data(),     grad_ptrs.data(),
+                       exp_avg_ptrs.data(),      exp_avg_sq_ptrs.data(), max_ptrs.data(),
+                       params[0].scalar_type(),  grads[0].scalar_type(), amsgrad,
+                       float_scalars.data(),     double_scalars.data()};
+  const CpuKernels& kernels = cpu_kernels();
+  chunks.parallel_for_chunks([&](int64_t c) { kernels.adamw_chunk(args, c); });
   store_steps(state_steps, steps);
 }
 

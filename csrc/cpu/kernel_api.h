@@ -55,11 +55,28 @@ struct SgdArgs {
   SgdScalars<double> double_scalars;  // float64 parameters
 };
 
+// torch.optim.AdamW's update; scalars are per tensor (each has its own step count), in the math
+// type of the parameters; max_exp_avg_sqs is read only with amsgrad.
+struct AdamwArgs {
+  FlatLayout layout;
+  void* const* params;
+  const void* const* grads;
+  void* const* exp_avgs;
+  void* const* exp_avg_sqs;
+  void* const* max_exp_avg_sqs;
+  c10::ScalarType param_type;
+  c10::ScalarType grad_type;
+  bool amsgrad;
+  const AdamScalars<float>* float_scalars;    // float, float16 and bfloat16 parameters
+  const AdamScalars<double>* double_scalars;  // float64 parameters
+};
+
 // One CPU capability's kernels; each processes chunk `chunk` of its layout.
 struct CpuKernels {
   double (*accumulate_chunk)(const AccumulateArgs& args, int64_t chunk);
   double (*norm_chunk)(const NormArgs& args, int64_t chunk);
   void (*sgd_chunk)(const SgdArgs& args, int64_t chunk);
+  void (*adamw_chunk)(const AdamwArgs& args, int64_t chunk);
 };
 
 }  // namespace gradfuse::cpu
