@@ -69,6 +69,17 @@ def run_workload(inputs):
             for i, p in enumerate(params):
                 out[f"{dtype}/K{k}/param{i}"] = p.detach().clone()
                 out[f"{dtype}/K{k}/momentum{i}"] = opt.state[p]["momentum_buffer"].clone()
+        for amsgrad in (False, True):  # the AdamW kernel, K=2, clipped
+            params = [inputs[f"{dtype}/{i}/param"].clone().requires_grad_() for i in range(len(SHAPES))]
+            opt = gradfuse.FusedAccumAdamW(params, lr=0.01, amsgrad=amsgrad, accumulation_steps=2, max_grad_norm=1.0)
+            for step in range(4):
+                for i, p in enumerate(params):
+                    p.grad = inputs[f"{dtype}/{i}/grad{step % 3}"].clone()
+                opt.step()
+                opt.zero_grad()
+            for i, p in enumerate(params):
+                out[f"{dtype}/adamw{amsgrad}/param{i}"] = p.detach().clone()
+                out[f"{dtype}/adamw{amsgrad}/exp_avg_sq{i}"] = opt.state[p]["exp_avg_sq"].clone()
         grads = [inputs[f"{dtype}/{i}/grad1"] for i in range(len(SHAPES))]
         for norm_type in (2.0, float("inf")):
             out[f"{dtype}/global_norm/{norm_type}"] = torch.ops.gradfuse.global_norm(grads, norm_type)
