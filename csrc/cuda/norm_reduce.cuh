@@ -34,11 +34,11 @@ constexpr bool kIsHalfType = std::is_same_v<T, c10::Half> || std::is_same_v<T, c
 
 // Adds W stored values to a thread's norm. fp16/bf16 packs of 8 are squared and summed in
 // float, then widened once (one float64 add per 8 values instead of a conversion, multiply and
-// add per value): an fp16/bf16 square has at most 11/8 significant bits doubled (<= 22 < 24),
-// so it is exact in float unless it over- or underflows (bf16 only; guarded above); the
-// pairwise sum of 8 rounds 3 times, so a pack sum is within 3 * 2^-24 relative of the exact
-// one and a norm within about 1e-7 relative of the float64 sum the CPU forms. The inf-norm's
-// max of |x| is exact in float, so it is bit-identical either way.
+// add per value). A square has at most 22 (fp16) or 16 (bf16) significant bits, within float's
+// 24, so it is exact unless it over- or underflows (bf16 only; guarded above). The pairwise sum
+// of 8 rounds 3 times: a pack sum is within 3 * 2^-24 relative of the exact one, so the 2-norm
+// is within about 1e-7 relative of the float64 sum the CPU forms (not bit-identical to it).
+// The inf-norm's max of |x| is exact in float: the same bits either way.
 template <bool kInfNorm, typename T, int W>
 __device__ __forceinline__ void add_values(ThreadNorm<kInfNorm>& norm, const T (&values)[W]) {
   using math_t = at::opmath_type<T>;
