@@ -94,7 +94,7 @@ sanitizers() {  # the four tools side by side; each log also lands in sanitizers
   for tool in memcheck racecheck initcheck synccheck; do
     # No caching allocator: every tensor gets its own allocation, so an access past a tensor's
     # end is reported instead of landing in a neighbour inside a cached segment.
-    step "$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+    step "$tool" "$SIDE_S" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 \
       --print-limit 20 "$PY" scripts/sanitizer_workload.py > /dev/null &
     pids+=($!)
   done
@@ -104,18 +104,22 @@ sanitizers() {  # the four tools side by side; each log also lands in sanitizers
   done
 }
 
-# ---- tests and sanitizers side by side (neither is timed)
+# ---- tests and sanitizers side by side (neither is timed), leaving BENCH_S for the benchmarks
+BENCH_S=90
+SIDE_S=$(( BUDGET_S - ($(date +%s) - START) - BENCH_S ))
+(( SIDE_S > 150 )) && SIDE_S=150
+(( SIDE_S < 60 )) && SIDE_S=60
 # About a thousand CUDA test ids, most of their time in float64 references on the host: 8 workers
 # when pytest-xdist is there; pytest-timeout stops a hung test, not the run.
 PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --durations=15 -k cuda --junitxml="$WORK/pytest.xml")
 "$PY" -c 'import pytest_timeout' 2> /dev/null && PYTEST_ARGS+=(--timeout=60)
 "$PY" -c 'import xdist' 2> /dev/null && PYTEST_ARGS+=(-n 8)
-step tests 150 "$PY" -m pytest "${PYTEST_ARGS[@]}" tests &
+step tests "$SIDE_S" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests &
 TESTS_PID=$!
 if (( SANITIZE )); then sanitizers; fi
 wait $TESTS_PID
 
 # ---- benchmarks alone on the GPU
-step bench 100 "$PY" -m benchmarks.run --device cuda --quick --cuda-graphs --no-progress --out "$WORK/bench" \
+step bench "$BENCH_S" "$PY" -m benchmarks.run --device cuda --quick --cuda-graphs --no-progress --out "$WORK/bench" \
   --rows "$WORK/bench.jsonl"
 exit 0
