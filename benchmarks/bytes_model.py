@@ -55,9 +55,10 @@ def torch_cycle_bytes_per_param(param_dtype, K: int, clip: bool = True) -> float
 
 
 def op_bytes_per_param(op: str, dtype) -> float:
-    """Per-op minimum for the op benchmarks (accumulator in `dtype`)."""
-    s = elem(dtype)
-    return {"accumulate": 3 * s, "accumulate_norm": 3 * s, "global_norm": s, "sgd_step": 5 * s}[op]
+    """Per-op minimum for the op benchmarks: gradients, parameters and momentum in `dtype`, the
+    accumulator in accum_dtype(dtype) (float32 for fp16/bf16)."""
+    s, a = elem(dtype), elem(accum_dtype(dtype))
+    return {"accumulate": 2 * a + s, "accumulate_norm": 2 * a + s, "global_norm": s, "sgd_step": 5 * s}[op]
 
 
 def gbps(bytes_moved: float, seconds: float) -> float:

@@ -15,7 +15,7 @@ Cycle / boundary cases (one K-micro-batch optimizer cycle on a list of parameter
                   update). Untimed setup restores the first gradient (clip scales it in place).
   "boundary" times only the last micro-step (its untimed setup runs micro-steps 1..K-1).
 
-Op cases (fp32): accumulate_, accumulate_ with norm, global_norm, clipped_sgd_step_ vs
+Op cases (fp32, and bf16/fp16 on CUDA): accumulate_, accumulate_ with norm, global_norm, clipped_sgd_step_ vs
 _foreach_add_, _foreach_add_ + get_total_norm, get_total_norm (what clip_grad_norm_ uses),
 and the SGD step (fused / foreach).
 
@@ -146,15 +146,16 @@ def cycle_benches(shapes, dtype, device, K, clip, n_sets, impls, boundary_only=F
 OPS = ("accumulate", "accumulate_norm", "global_norm", "sgd_step")
 
 
-def op_benches(op, shapes, device, n_sets, cuda_graphs=False):
-    """name -> Bench for one fp32 op case: gradfuse vs torch equivalent(s)."""
+def op_benches(op, shapes, device, n_sets, cuda_graphs=False, dtype=torch.float32):
+    """name -> Bench for one op case: gradfuse vs torch equivalent(s). Gradients, parameters and
+    momentum in `dtype`, accumulators in float32 for fp16/bf16 (as FusedAccumSGD keeps them)."""
     from .timing import Bench
-    dtype = torch.float32
+    acc_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     data = []
     for _ in range(n_sets):
         d = {"grads": _randn(shapes, dtype, device, 1e-3)}
         if op in ("accumulate", "accumulate_norm"):
-            d["accs"] = _randn(shapes, dtype, device, 1e-3)
+            d["accs"] = _randn(shapes, acc_dtype, device, 1e-3)
             d["norm_state"] = ops.new_norm_state(device)
         if op == "sgd_step":
             d["gf_params"] = make_params(shapes, dtype, device)

@@ -94,10 +94,20 @@ def render_text(result):
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.append("")
     lines.append(_ceiling_line(result))
+    lines += _host_lines(result)
     lines.append("Targets:")
     for t in result.get("targets") or evaluate_targets(result):
         lines.append("  " + _target_line(t))
     return "\n".join(lines)
+
+
+def _host_lines(result):
+    """Host us per step (benchmarks/host_overhead.py), one line per workload."""
+    lines = []
+    for row in result.get("host_overhead") or []:
+        parts = [f"{name} {us:.1f} us" for name, us in row["host_us_per_step"].items()]
+        lines.append(f"Host time per step, {row['workload']} ({row['n_tensors']} tensors): " + ", ".join(parts))
+    return lines
 
 
 def _ceiling_line(result):
@@ -124,7 +134,7 @@ def render_markdown(result):
              f"{' (dirty)' if m.get('git_dirty') else ''}",
              f"- mode: {'quick' if result['config']['quick'] else 'full'}; wall time {result.get('wall_s', 0):.0f} s; "
              f"LLC {m['llc_bytes'] >> 20} MiB" + (f"; driver {m['driver']}" if m.get("driver") else ""),
-             f"- {_ceiling_line(result)}",
+             f"- {_ceiling_line(result)}"] + [f"- {line}" for line in _host_lines(result)] + [
              "- speedup = torch-best median / gradfuse median; torch-best = faster of SGD(fused=True) and "
              "SGD(foreach=True) (ops: the torch equivalent); GB/s = model bytes (benchmarks/bytes_model.py) / "
              "median time; % ceiling against the ceiling above.",

@@ -1,7 +1,8 @@
 """Entry point: python -m benchmarks.run --device cpu|cuda [--quick] [--out DIR] [--only SUBSTR]
-[--cuda-graphs]. Prints the headline table, writes <out>/results.json (every raw timing,
-machine info), <out>/sweep.png and <out>/<machine-tag>.md; a full (non --quick) run with the
-default --out also writes benchmarks/results/<machine-tag>.md."""
+[--cuda-graphs] [--rows FILE]. Prints the headline table, writes <out>/results.json (every raw
+timing, machine info), <out>/sweep.png and <out>/<machine-tag>.md; a full (non --quick) run with
+the default --out also writes benchmarks/results/<machine-tag>.md. --rows appends the ceiling and
+every row to FILE as JSON lines as soon as each finishes, so a run stopped early keeps them."""
 import argparse
 import gc
 import json
@@ -11,7 +12,7 @@ import time
 
 import torch
 
-from . import bytes_model, cases, report, training_cases, workloads
+from . import bytes_model, cases, host_overhead, report, training_cases, workloads
 from .ceiling import measure_ceiling
 from .machine import machine_info, machine_tag
 from .plot import plot_sweep
@@ -19,7 +20,10 @@ from .progress import Progress
 from .timing import last_level_cache_bytes, measure, rotation_sets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Half-precision op rows (CUDA): GB/s of the norm, the accumulation with norm and the momentum update.
+HALF_OPS = (("global_norm", "bfloat16"), ("global_norm", "float16"), ("accumulate_norm", "bfloat16"),
+            ("accumulate_norm", "float16"), ("sgd_step", "bfloat16"))
 CYCLE_IMPLS = ("gradfuse", "torch_fused", "torch_foreach")
 
 
@@ -55,6 +59,13 @@ def build_plan(device, quick):
         if not quick or wl == "tiny2000":
             for op in cases.OPS:
                 plan.append(dict(kind="op", workload=wl, dtype="float32", op=op))
+    if device == "cuda":
+        for op, dtype in HALF_OPS:
+            plan.append(dict(kind="op", workload="sweep", numel=1 << 26, dtype=dtype, op=op))
+        if quick:
+            plan.append(dict(kind="cycle", workload="gpt2", dtype="bfloat16", K=1, clip=True))
+    if quick:  # a run cut short keeps the named workloads and half-precision rows; the sweep goes last
+        plan.sort(key=lambda case: case["workload"] == "sweep" and case["dtype"] == "float32")
     return plan
 
 
@@ -80,7 +91,7 @@ def run_case(case, device, llc, tcfg, cuda_graphs, ceiling_gbps):
     if case["kind"] == "op":
         touch = n * 4 * 5
         n_sets = max(1, min(rotation_sets(touch, llc), budget // (n * 4 * 9)))
-        benches, keep = cases.op_benches(case["op"], shapes, device, n_sets, cuda_graphs)
+        benches, keep = cases.op_benches(case["op"], shapes, device, n_sets, cuda_graphs, dtype)
         per_param = bytes_model.op_bytes_per_param(case["op"], dtype)
     elif case["kind"] == "train":
         per_set = training_cases.bytes_per_set(shapes, dtype, case["K"], len(CYCLE_IMPLS))
@@ -125,6 +136,8 @@ def main(argv=None):
     parser.add_argument("--only", default=None, help="run only cases whose label contains this substring")
     parser.add_argument("--cuda-graphs", action="store_true", help="also time the op cases by CUDA graph replay")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--rows", default=None, help="append the ceiling and each finished row to this JSON-lines file")
+    parser.add_argument("--no-host", action="store_true", help="skip the host-us-per-step rows")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
@@ -140,13 +153,28 @@ def main(argv=None):
     plan = build_plan(device, args.quick)
     if args.only:
         plan = [c for c in plan if args.only in _label(c)]
-    progress = Progress(len(plan) + 1, enabled=not args.no_progress)
+    progress = Progress(len(plan) + 2, enabled=not args.no_progress)
     progress.step("ceiling")
     # CPU: 256 MiB buffers, or 2x the LLC (up to 1 GiB) so the copy cannot run from cache.
     ceiling_bytes = max(256 << 20, min(2 * llc, 1 << 30)) if device == "cpu" else (1 << 30)
     ceiling = measure_ceiling(device, ceiling_bytes,
                               target_s=tcfg["target_s"], min_reps=tcfg["min_reps"])
-    result = {"machine": info, "machine_tag": tag, "ceiling": ceiling, "rows": [],
+    rows_file = open(args.rows, "a") if args.rows else None
+
+    def emit(row):
+        if rows_file is not None:
+            rows_file.write(json.dumps(row) + "\n")
+            rows_file.flush()
+
+    emit(dict(kind="ceiling", ceiling_gbps=ceiling["ceiling_gbps"], ceiling_kind=ceiling["ceiling_kind"],
+              machine=info))
+    host = []
+    if device == "cuda" and not args.no_host and not args.only:  # on CPU a step's host time is its compute
+        progress.step("host us per step")
+        for row in host_overhead.host_rows(device):
+            emit(row)
+            host.append(row)
+    result = {"machine": info, "machine_tag": tag, "ceiling": ceiling, "rows": [], "host_overhead": host,
               "config": dict(quick=args.quick, timing=tcfg, cuda_graphs=args.cuda_graphs, llc_bytes=llc,
                              lr=cases.LR, momentum=cases.MOMENTUM, max_norm=cases.MAX_NORM, argv=sys.argv)}
     for case in plan:
@@ -157,11 +185,15 @@ def main(argv=None):
         except Exception as error:  # keep going; the error is reported in the table and JSON
             row = dict(case, numel=workloads.total_params(shapes_of(case)), error=f"{type(error).__name__}: {error}")
         row["wall_s"] = time.perf_counter() - case_start  # incl. data generation and warm-up
+        row["label"] = _label(case)
         result["rows"].append(row)
+        emit(row)
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
     progress.close()
+    if rows_file is not None:
+        rows_file.close()
     result["targets"] = report.evaluate_targets(result)
     result["wall_s"] = time.perf_counter() - started
     with open(os.path.join(out, "results.json"), "w") as f:

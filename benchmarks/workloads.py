@@ -11,6 +11,7 @@
             the first block of each stage has a 1x1 downsample conv + BN), fc 1000x2048 + 1000:
             161 tensors, 25,557,032 parameters (asserted below).
 * tiny2000: 2000 tensors of 64..512 elements (seeded), launch / per-tensor-overhead bound.
+* small6:   a 3-layer MLP's 6 tensors (128 -> 256 -> 128 -> 10), host-overhead bound.
 """
 import random
 
@@ -53,6 +54,10 @@ def tiny_shapes(count=2000, low=64, high=512, seed=0):
     return [(rng.randint(low, high),) for _ in range(count)]
 
 
+def small6_shapes():
+    return [(256, 128), (256,), (128, 256), (128,), (10, 128), (10,)]
+
+
 def numel(shape):
     n = 1
     for s in shape:
@@ -72,7 +77,7 @@ def _check():
 
 _check()
 
-NAMED = {"gpt2": gpt2_small_shapes, "resnet50": resnet50_shapes, "tiny2000": tiny_shapes}
+NAMED = {"gpt2": gpt2_small_shapes, "resnet50": resnet50_shapes, "tiny2000": tiny_shapes, "small6": small6_shapes}
 
 
 def sweep_sizes(device, quick):

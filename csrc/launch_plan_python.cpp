@@ -1,6 +1,6 @@
 // Python view of the CUDA launcher's work split (csrc/cuda/launch_plan.h), so the tests check
-// on any machine that every element is swept exactly once, in balanced, aligned shares, and
-// that norm chunks do not depend on the grid.
+// on any machine that every element is swept exactly once, in balanced, aligned shares, that
+// norm chunks do not depend on the grid, and where a segment's vector packs start.
 #include "cuda/launch_plan.h"
 #include "launch_plan_python.h"
 
@@ -46,12 +46,29 @@ py::list launch_plan(const std::vector<int64_t>& numels, int depth, int64_t resi
     }
     py::dict launch;
     launch["tensors"] = group.tensors;
+    launch["table_capacity"] = cuda::uses_small_table(num_tensors, depth)
+                                   ? cuda::table_capacity(depth, cuda::kSmallParamBytes)
+                                   : cuda::table_capacity(depth);
     launch["chunks"] = group.chunks;
     launch["grid"] = group.grid;
     launch["blocks"] = blocks;
     launches.append(launch);
   }
   return launches;
+}
+
+// A segment's (prologue, packs, tail) for lists given as (element address, element bytes), with
+// packs of `width` elements, as sweep_segment walks it.
+py::tuple pack_split(int64_t n, const std::vector<std::pair<uint64_t, int64_t>>& lists, int64_t width) {
+  TORCH_CHECK_VALUE(width >= 1 && (width & (width - 1)) == 0, "pack_split: width must be a power of two");
+  cuda::PackAlignment alignment{0, 1};
+  for (const auto& [address, element_bytes] : lists) {
+    TORCH_CHECK_VALUE(element_bytes == 1 || element_bytes == 2 || element_bytes == 4 || element_bytes == 8,
+                      "pack_split: element bytes must be 1, 2, 4 or 8");
+    alignment = cuda::add_list_alignment(alignment, address, element_bytes, width);
+  }
+  const cuda::PackSplit split = cuda::split_for_packs(n, alignment, width);
+  return py::make_tuple(split.prologue, split.packs, split.tail);
 }
 
 }  // namespace
@@ -62,6 +79,9 @@ void bind_launch_plan(py::module& m) {
   m.attr("launch_unit_elements") = cuda::kUnitElements;
   m.def("norm_chunk_units", &cuda::norm_chunk_units, py::arg("numels"),
         "Units per norm partial the CUDA ops use for a list of tensor sizes");
+  m.attr("norm_chunks_wanted") = cuda::kNormChunksWanted;
+  m.def("pack_split", &pack_split, py::arg("n"), py::arg("lists"), py::arg("width"),
+        "A CUDA segment's scalar prologue, vector packs and scalar tail for its lists' (address, element bytes)");
 }
 
 }  // namespace gradfuse

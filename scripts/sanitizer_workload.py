@@ -1,6 +1,7 @@
 """A small CUDA workload for compute-sanitizer: every op and a few optimizer cycles on odd
-sizes, misaligned views and every dtype, plus lists that cross launch-table and norm-chunk
-edges (small, so memcheck/racecheck finish quickly)."""
+sizes, misaligned views (scalar prologues, lists misaligned against each other) and every dtype,
+fp16/bf16 norm packs that take the float64 fallback, plus lists that cross launch-table edges,
+both table tiers and multi-unit norm chunks (small, so the four tools finish quickly)."""
 import torch
 
 import gradfuse
@@ -36,10 +37,26 @@ def run_ops():
                                       nesterov=True, grad_scale=0.25, max_norm=1.0)
 
 
+def run_same_phase_and_half_norms():
+    """Accumulators and gradients one element past alignment (prologue + packs), and bf16/fp16
+    norms of packs that are huge, tiny, zero or mixed (the float and float64 pack paths)."""
+    accs = [misaligned(n, torch.float32) for n in SIZES]
+    state = ops.new_norm_state("cuda")
+    ops.accumulate_(accs, [misaligned(n, torch.bfloat16) for n in SIZES], 0.5, False, state, 2.0)
+    for dtype in (torch.bfloat16, torch.float16):
+        values = torch.randn(70001, device="cuda")
+        values[:1000] *= 1e30 if dtype == torch.bfloat16 else 1e4
+        values[1000:2000] *= 1e-30 if dtype == torch.bfloat16 else 1e-7
+        values[2000:3000] = 0
+        tensor = values.to(dtype)
+        ops.global_norm([tensor, tensor[3:]], 2.0)
+        ops.global_norm([tensor], float("inf"))
+
+
 def run_multi_launch():
-    """800 tensors (two launches of the 4-list update) and one of 2.2M elements (norm chunks of
-    two units): the table-edge and chunk-edge paths of the launcher."""
-    sizes = [1 + i % 37 for i in range(800)] + [2_200_001]
+    """800 tensors (two launches of the 4-list update: full and small tables) and one of 5M
+    elements (norm chunks of two units): the table-edge and chunk-edge paths of the launcher."""
+    sizes = [1 + i % 37 for i in range(800)] + [5_000_001]
     params = [torch.randn(n, device="cuda") for n in sizes]
     accs = [torch.randn(n, device="cuda") for n in sizes]
     state = ops.new_norm_state("cuda")
@@ -64,6 +81,7 @@ def run_optimizer():
 if __name__ == "__main__":
     assert torch.cuda.is_available() and gradfuse.cuda_compiled, "needs a GPU and a CUDA build of gradfuse"
     run_ops()
+    run_same_phase_and_half_norms()
     run_multi_launch()
     run_optimizer()
     print("sanitizer workload finished")

@@ -1,10 +1,15 @@
 """CUDA-only behaviour of FusedAccumSGD: no host synchronisation, CUDA graph capture,
-torch.amp.GradScaler, streams, several devices, launch counts and run-to-run determinism.
+torch.amp.GradScaler, streams, several devices, launch counts and run-to-run determinism; and of
+the CUDA kernels at scale: a kernel's first use inside graph capture, 64-bit indexing, lists
+misaligned against each other, and the float pack sums of the fp16/bf16 norm.
 Every test skips cleanly on a machine without a GPU or with a CPU-only build.
 
 (CUDA against the float64 reference for every dtype, with random configurations, is already
 covered by test_optimizer.py / test_properties.py through the `device` fixture.)"""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,8 +17,8 @@ import torch
 import harness
 import reference as ref
 from data import generator, randn, requires_cuda
-from gradfuse import FusedAccumSGD
-from tolerances import assert_bitwise, assert_close
+from gradfuse import FusedAccumSGD, ops
+from tolerances import assert_bitwise, assert_close, assert_scalar_close
 
 pytestmark = requires_cuda
 
@@ -510,3 +515,147 @@ def test_two_identical_runs_are_bitwise_identical(norm_type, seed):
         for i, (a, b) in enumerate(zip(a_list, b_list)):
             assert_bitwise(a, b, f"{name} {i} differs between identical runs")
     assert all(math.isfinite(float(n)) and float(n) > 1.0 for n in first[2]), "clipping was meant to be active"
+
+
+# ------------------------------------------------------------------ 9. first use inside graph capture
+FIRST_USE_SCRIPT = r"""
+import torch
+from gradfuse import ops
+
+torch.manual_seed(0)
+sizes = [1, 33, 4099, 70001, 3 << 20]  # the last one spans several norm chunk units
+params = [torch.randn(n, device="cuda").to(torch.bfloat16) for n in sizes]
+grads = [torch.randn(n, device="cuda").to(torch.bfloat16) for n in sizes]
+accs = [torch.randn(n, device="cuda") for n in sizes]
+buffers = [torch.randn(n, device="cuda").to(torch.bfloat16) for n in sizes]
+flags = [torch.ones((), dtype=torch.bool, device="cuda") for _ in sizes]
+state = ops.new_norm_state("cuda")
+skipped = torch.zeros((), dtype=torch.int64, device="cuda")
+tensors = params + accs + buffers + flags + [state, skipped]
+initial = [t.clone() for t in tensors]
+torch.cuda.synchronize()
+
+
+def step():  # bf16 params with float32 accumulators: a combination this process never ran eagerly
+    ops.accumulate_(accs, grads, 0.5, False, state, 2.0)
+    total = ops.finalize_norm_(state, skipped, 2.0, 1.0, True)
+    ops.clipped_sgd_step_(params, accs, buffers, flags, total, 0.01, momentum=0.9, nesterov=True, max_norm=1.0)
+    return total
+
+
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):  # no eager warm-up: every gradfuse kernel is first used here
+    graph_total = step()
+graph.replay()
+torch.cuda.synchronize()
+graphed = [t.clone() for t in tensors] + [graph_total.clone()]
+for t, t0 in zip(tensors, initial):
+    t.copy_(t0)
+eager_total = step()
+torch.cuda.synchronize()
+eager = [t.clone() for t in tensors] + [eager_total]
+assert 0 < float(eager_total) < float("inf"), float(eager_total)
+for i, (a, b) in enumerate(zip(graphed, eager)):
+    assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), f"tensor {i}: graph != eager"
+print("first use in capture: ok")
+"""
+
+
+def test_first_use_of_the_kernels_is_inside_a_graph_capture():
+    # A fresh process with lazy module loading: the kernels are loaded (and their occupancy
+    # queried) during capture, which global capture mode forbids unless done in relaxed mode.
+    env = dict(os.environ, CUDA_MODULE_LOADING="LAZY",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                           os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", FIRST_USE_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
+
+
+# ------------------------------------------------------------------ 10. 64-bit indexing
+BIG = 2**31 + 4099  # elements: past int32 indexing, with a tail past the last full unit
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.mem_get_info()[0] < 24 << 30,
+                    reason="large_tensor: needs 24 GiB of free GPU memory")
+def test_large_tensor_past_2_to_the_31_elements():
+    ones = torch.ones(BIG, dtype=BF16, device="cuda")
+    state = ops.new_norm_state("cuda")
+    ops.accumulate_norm_(state, [ones], 2.0)
+    assert float(state[0]) == BIG, "the 2-norm's square of ones is the exact element count"
+    assert float(ops.global_norm([ones], INF)) == 1.0
+    ones[-3:] = torch.tensor([2.0, 3.0, 4.0], dtype=BF16)
+    acc = torch.zeros(BIG, dtype=F32, device="cuda")
+    acc[2**31 - 1: 2**31 + 1] = 10.0
+    ops.accumulate_([acc], [ones], 0.5, False, state, 2.0)
+    assert acc[-3:].tolist() == [1.0, 1.5, 2.0], "the last elements are reached"
+    assert acc[2**31 - 1: 2**31 + 1].tolist() == [10.5, 10.5] and float(acc[0]) == 0.5
+    assert int((acc == 0.5).sum()) == BIG - 5, "every other element got exactly 0.5"
+    del ones, acc
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------ 11. lists misaligned against each other
+ALIGN_SIZES = [1, 7, 33, 1024, 4099, 70001]
+
+
+def view_at(n, dtype, offset, gen):
+    """A 1-d tensor of n random values whose data pointer is `offset` elements past 16-byte alignment."""
+    base = randn((n + offset,), dtype, "cuda", gen)
+    return base[offset:]
+
+
+@pytest.mark.parametrize("grad_offset,acc_offset", [(1, 0), (0, 3), (2, 2), (5, 1)])
+@pytest.mark.parametrize("grad_dtype", [F32, BF16, F16])
+def test_accumulate_with_lists_misaligned_against_each_other(grad_dtype, grad_offset, acc_offset, gen):
+    # Scalar path, prologue + packs, or both lists one phase: the CPU op's bits for the
+    # accumulators (same rounding by design), the float64 norm within the norm tolerance.
+    grads = [view_at(n, grad_dtype, grad_offset, gen) for n in ALIGN_SIZES]
+    accs = [view_at(n, F32, acc_offset, gen) for n in ALIGN_SIZES]
+    accs_cpu = [a.cpu() for a in accs]
+    state, state_cpu = ops.new_norm_state("cuda"), ops.new_norm_state("cpu")
+    ops.accumulate_(accs, grads, 0.25, False, state, 2.0)
+    ops.accumulate_(accs_cpu, [g.cpu() for g in grads], 0.25, False, state_cpu, 2.0)
+    for i, (a, b) in enumerate(zip(accs, accs_cpu)):
+        assert_bitwise(a.cpu(), b, f"accumulator {i} (acc offset {acc_offset}, grad offset {grad_offset})")
+    exact = sum(float(a.double().square().sum()) for a in accs_cpu)
+    assert_scalar_close(state[0], exact, F32, "norm state")
+
+
+@pytest.mark.parametrize("param_offset,grad_offset", [(1, 0), (3, 3), (0, 1)])
+@pytest.mark.parametrize("param_dtype", [F16, BF16])
+def test_sgd_with_misaligned_half_params_and_float_grads(param_dtype, param_offset, grad_offset, gen):
+    params = [view_at(n, param_dtype, param_offset, gen) for n in ALIGN_SIZES]
+    grads = [view_at(n, F32, grad_offset, gen) for n in ALIGN_SIZES]
+    buffers = [view_at(n, param_dtype, param_offset, gen) for n in ALIGN_SIZES]
+    flags = [torch.ones((), dtype=torch.bool, device="cuda") for _ in ALIGN_SIZES]
+    cpu = [[t.cpu() for t in ts] for ts in (params, grads, buffers, flags)]
+    total = torch.tensor(3.0, dtype=F64)
+    hyper = dict(weight_decay=0.01, momentum=0.9, nesterov=True, max_norm=1.0)
+    ops.clipped_sgd_step_(params, grads, buffers, flags, total.cuda(), 0.05, **hyper)
+    ops.clipped_sgd_step_(*cpu, total, 0.05, **hyper)
+    for i in range(len(ALIGN_SIZES)):
+        assert_close(params[i], cpu[0][i].double(), param_dtype, f"param {i}")
+        assert_close(buffers[i], cpu[2][i].double(), param_dtype, f"momentum buffer {i}")
+
+
+# ------------------------------------------------------------------ 12. fp16/bf16 norm: float pack sums
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_half_norm_pack_sums_stay_within_1e7_of_float64(dtype, gen):
+    # Magnitudes over the whole range (bf16: squares that overflow or underflow float, taking the
+    # float64 path), zero packs, and odd lengths (scalar tails): the 2-norm within 1e-7 relative
+    # of the float64 sum (documented in norm_reduce.cuh), the inf-norm bit-identical to the CPU's.
+    low, top = (-130, 60) if dtype == BF16 else (-24, 15)
+    tensors = []
+    for n in (8, 64, 1000, 4099, 70001):
+        exponents = torch.randint(low, top, (n,), generator=gen).double()
+        t = (torch.randn(n, generator=gen, dtype=F64) * torch.exp2(exponents)).to(dtype)
+        t[: n // 4] = 0  # whole zero packs
+        tensors.append(t)
+    for scale in (1.0, 2.0**-60, 2.0**60) if dtype == BF16 else (1.0,):  # bf16: all tiny / all huge lists too
+        cpu = [(t.double() * scale).to(dtype) for t in tensors]
+        exact = math.fsum(float(v) for t in cpu for v in t.double().square().reshape(-1).tolist())
+        got = float(ops.global_norm([t.cuda() for t in cpu], 2.0)) ** 2
+        assert abs(got - exact) <= 2.5e-7 * exact, f"scale {scale}: {got!r} vs {exact!r}"
+        assert_bitwise(ops.global_norm([t.cuda() for t in cpu], INF).cpu(), ops.global_norm(cpu, INF),
+                       f"inf-norm, scale {scale}")

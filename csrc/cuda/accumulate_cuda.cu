@@ -1,5 +1,5 @@
 // accumulate_ on CUDA: acc = (first ? 0 : acc) + scale * grad in one sweep, optionally adding
-// the norm of the stored accumulators as per-block partials merged on the device.
+// the norm of the stored accumulators as per-chunk partials merged on the device.
 #include "../op_checks.h"
 #include "../ops.h"
 #include "../static_switch.h"
@@ -50,10 +50,11 @@ struct AccumulateOp {
     return true;
   }
 
-  __device__ __forceinline__ void segment(const TensorTable<2>& table, int t, int64_t begin, int64_t n) {
+  template <typename Table>
+  __device__ __forceinline__ void segment(const Table& table, int t, int64_t begin, int64_t n) {
     acc = static_cast<acc_t*>(table.ptrs[0][t]) + begin;
     grad = static_cast<const grad_t*>(table.ptrs[1][t]) + begin;
-    sweep_segment<kWidth>(n, all_vector_aligned(acc, grad), *this);
+    sweep_segment<kWidth>(n, pack_alignment<kWidth>(acc, grad), *this);
   }
 
   template <int W>
@@ -76,9 +77,9 @@ struct AccumulateOp {
         for (int j = 0; j < W; ++j) {
           const math_t base = kFirst ? math_t(0) : static_cast<math_t>(a[k].val[j]);
           a[k].val[j] = static_cast<acc_t>(add_scaled(base, factor, static_cast<math_t>(g[k].val[j])));
-          if constexpr (kWithNorm) {
-            norm.add(static_cast<double>(static_cast<math_t>(a[k].val[j])));  // norm of what is stored
-          }
+        }
+        if constexpr (kWithNorm) {
+          add_values(norm, a[k].val);  // norm of what is stored
         }
         store_pack<W>(acc + elem[k], a[k]);
       }

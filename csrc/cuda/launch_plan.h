@@ -1,6 +1,7 @@
-// How the multi-tensor launcher splits a tensor list: into launches (parameter tables), chunks
-// of units (fixed by the sizes), per-block shares of chunks and element segments. Plain C++
-// shared by the kernels and a host binding, so the split is tested on machines without a GPU.
+// How the multi-tensor launcher splits a tensor list: into launches (parameter tables of two
+// capacity tiers), chunks of units (fixed by the sizes), per-block shares of chunks, element
+// segments, and each segment's scalar prologue / vector packs / scalar tail. Plain C++ shared by
+// the kernels and a host binding, so the split is tested on machines without a GPU.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -15,19 +16,27 @@ namespace gradfuse::cuda {
 // Work-balancing granularity; every tensor starts on a unit, so unit offsets are pack aligned.
 constexpr int64_t kUnitElements = 1024;
 // Norm partials come per chunk of units, sized from the tensor sizes alone (never from the
-// GPU's SM count or occupancy, so the norm's bits are the same on every GPU): about
-// kNormChunksWanted chunks for parallelism, at most kMaxNormChunkUnits units each so that the
-// one-block merge of the partials stays short.
-constexpr int64_t kNormChunksWanted = 2048;
-constexpr int64_t kMaxNormChunkUnits = 16;
+// GPU's SM count or occupancy, so the norm's bits are the same on every GPU): at most
+// kNormChunksWanted chunks, so the one-block merge of the partials costs the same for any model
+// size (chunks grow instead), and as many for small lists, to fill every SM (shares of 3-4
+// chunks per block on 1056 resident blocks balance within a few percent).
+constexpr int64_t kNormChunksWanted = 4096;
 // CUDA 12.1+ accepts this many bytes of kernel parameters on sm_70 and newer.
 constexpr int kMaxParamBytes = 32764;
+// The small tier's parameter bytes (the classic 4 KB limit): a launch of a few tensors copies
+// this much instead of the full table.
+constexpr int kSmallParamBytes = 4096;
 // Kept free for the op's own parameters (scalars and pointers) next to the table.
 constexpr int kOpParamBytes = 256;
 
-// Tensors one launch's table holds: per tensor depth pointers, a size and a unit offset.
-constexpr int table_capacity(int depth) {
-  return (kMaxParamBytes - kOpParamBytes - 16) / (8 * depth + 8 + 4) - 1;
+// Tensors a table of param_bytes holds: per tensor depth pointers, a size and a unit offset.
+constexpr int table_capacity(int depth, int param_bytes = kMaxParamBytes) {
+  return (param_bytes - kOpParamBytes - 16) / (8 * depth + 8 + 4) - 1;
+}
+
+// Whether a launch of `tensors` tensors uses the small table tier.
+constexpr bool uses_small_table(int64_t tensors, int depth) {
+  return tensors <= table_capacity(depth, kSmallParamBytes);
 }
 
 C10_HOST_DEVICE inline int64_t units_of(int64_t numel) {
@@ -41,7 +50,7 @@ inline int64_t norm_chunk_units(const std::vector<int64_t>& numels) {
     units += units_of(numel);
   }
   const int64_t wanted = (units + kNormChunksWanted - 1) / kNormChunksWanted;
-  return wanted < 1 ? 1 : (wanted > kMaxNormChunkUnits ? kMaxNormChunkUnits : wanted);
+  return wanted < 1 ? 1 : wanted;
 }
 
 // Index t of the tensor whose units [unit_begin[t], unit_begin[t + 1]) hold unit.
@@ -159,6 +168,48 @@ inline void fill_table_sizes(const LaunchGroup& group, const std::vector<int64_t
     units += static_cast<int32_t>(units_of(numel[slot]));
   }
   unit_begin[group.tensors.size()] = units;
+}
+
+// Element indices e where W-element packs are aligned in every list: e = residue (mod period);
+// period 0 when no index is (lists misaligned against each other). Start from {0, 1}.
+struct PackAlignment {
+  int64_t residue;
+  int64_t period;
+};
+
+// Adds one list (element address, element bytes) to the alignment of packs of `width` elements:
+// a pack of that list is read as min(width * bytes, 16)-byte aligned vectors.
+C10_HOST_DEVICE inline PackAlignment add_list_alignment(PackAlignment so_far, uint64_t address, int64_t element_bytes,
+                                                        int64_t width) {
+  const int64_t pack_bytes = width * element_bytes;
+  const int64_t align = pack_bytes < 16 ? pack_bytes : 16;
+  if (so_far.period == 0 || address % static_cast<uint64_t>(element_bytes) != 0) {
+    return PackAlignment{0, 0};
+  }
+  const int64_t period = align / element_bytes;  // a power of two dividing width
+  const int64_t residue = static_cast<int64_t>((align - address % static_cast<uint64_t>(align)) % align) / element_bytes;
+  // Both periods are powers of two: the conditions agree iff they agree modulo the smaller one.
+  const int64_t common = period < so_far.period ? period : so_far.period;
+  if (residue % common != so_far.residue % common) {
+    return PackAlignment{0, 0};
+  }
+  return period > so_far.period ? PackAlignment{residue, period} : so_far;
+}
+
+// A segment of n elements: scalar prologue (up to the first aligned pack, or everything when no
+// pack can be aligned), whole packs of width elements, scalar tail.
+struct PackSplit {
+  int64_t prologue;
+  int64_t packs;
+  int64_t tail;
+};
+C10_HOST_DEVICE inline PackSplit split_for_packs(int64_t n, const PackAlignment& alignment, int64_t width) {
+  if (alignment.period == 0) {
+    return PackSplit{n, 0, 0};
+  }
+  const int64_t prologue = alignment.residue < n ? alignment.residue : n;
+  const int64_t packs = (n - prologue) / width;
+  return PackSplit{prologue, packs, n - prologue - packs * width};
 }
 
 }  // namespace gradfuse::cuda

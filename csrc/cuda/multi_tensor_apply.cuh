@@ -1,6 +1,7 @@
 // The one multi-tensor launcher of every CUDA op: a tensor list becomes a few launches whose
 // kernel parameters carry the tensors' addresses and sizes (no host-to-device copy, graph
-// capturable); each block sweeps an equal, contiguous share of the list's work units.
+// capturable; a 4 KB table for a few tensors, 32 KB for many); each block sweeps an equal,
+// contiguous share of the list's work units.
 #pragma once
 
 #include "cuda_device.h"
@@ -9,6 +10,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
@@ -28,23 +30,27 @@ template <int W>
 constexpr int kIlp = W >= 8 ? 2 : 4;
 
 // Kernel parameter table of one launch: kDepth pointer lists (list 0 gives the sizes).
-template <int kDepth>
+template <int kDepth, int kTableCapacity>
 struct TensorTable {
-  static constexpr int kCapacity = table_capacity(kDepth);
+  static constexpr int kCapacity = kTableCapacity;
   void* ptrs[kDepth][kCapacity];
   int64_t numel[kCapacity];
   int32_t unit_begin[kCapacity + 1];  // prefix sum of ceil(numel / kUnitElements)
   int32_t num_tensors;
   int32_t chunk_units;  // the split's granularity (see for_each_chunk)
 };
+// The two capacity tiers: kernel parameters are copied whole at every launch.
+template <int kDepth>
+using SmallTable = TensorTable<kDepth, table_capacity(kDepth, kSmallParamBytes)>;
+template <int kDepth>
+using FullTable = TensorTable<kDepth, table_capacity(kDepth)>;
 
 // Op interface: kChunkResults (whether the op ends each chunk with end_chunk(chunk), a
 // block-wide step such as a norm partial's reduction; otherwise a block sweeps its share in one
 // go), bool begin_block() (false: the block has nothing to do), segment(table, t, begin, n) for
 // elements [begin, begin + n) of tensor t, end_block().
-template <int kDepth, typename Op>
-__global__ void __launch_bounds__(kBlockThreads)
-    multi_tensor_kernel(const __grid_constant__ TensorTable<kDepth> table, Op op) {
+template <typename Table, typename Op>
+__global__ void __launch_bounds__(kBlockThreads) multi_tensor_kernel(const __grid_constant__ Table table, Op op) {
   if (!op.begin_block()) {
     return;
   }
@@ -76,49 +82,68 @@ __device__ __forceinline__ void sweep_packs(int64_t first, int64_t count, Body& 
   }
 }
 
-// n elements: kWidth-element vector packs plus a scalar tail when aligned, scalars otherwise.
+// n elements: a scalar prologue up to the first pack aligned in every list, kWidth-element
+// vector packs, a scalar tail (all scalar when the lists are misaligned against each other).
 template <int kWidth, typename Body>
-__device__ __forceinline__ void sweep_segment(int64_t n, bool vectorized, Body& body) {
-  if (vectorized) {
-    const int64_t packs = n / kWidth;
-    sweep_packs<kWidth>(0, packs, body);
-    if (packs * kWidth < n) {
-      sweep_packs<1>(packs * kWidth, n - packs * kWidth, body);
-    }
-  } else {
-    sweep_packs<1>(0, n, body);
+__device__ __forceinline__ void sweep_segment(int64_t n, const PackAlignment& alignment, Body& body) {
+  const PackSplit split = split_for_packs(n, alignment, kWidth);
+  if (split.prologue > 0) {
+    sweep_packs<1>(0, split.prologue, body);
+  }
+  if (split.packs > 0) {
+    sweep_packs<kWidth>(split.prologue, split.packs, body);
+  }
+  if (split.tail > 0) {
+    sweep_packs<1>(split.prologue + split.packs * kWidth, split.tail, body);
   }
 }
 
-// Blocks of this kernel that fit on one SM at once (cached per device).
-template <int kDepth, typename Op>
-int resident_blocks_per_sm(int device) {
+// Blocks of 256 threads of `kernel` resident on one SM. The query loads the kernel (lazy module
+// loading), which a global-mode stream capture forbids: relaxed mode lets a kernel's first use
+// be inside a CUDA-graph capture.
+inline int query_resident_blocks(const void* kernel) {
+  const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kBlockThreads, 0));
+  return blocks > 0 ? blocks : 1;
+}
+
+// query_resident_blocks, cached per device and per Key (one Key type per kernel).
+template <typename Key>
+int cached_resident_blocks(int device, const void* kernel) {
   static std::array<std::atomic<int>, 64> cache{};
-  if (device < static_cast<int>(cache.size())) {
+  if (device >= 0 && device < static_cast<int>(cache.size())) {
     const int known = cache[device].load(std::memory_order_relaxed);
     if (known > 0) {
       return known;
     }
   }
-  int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, multi_tensor_kernel<kDepth, Op>,
-                                                               kBlockThreads, 0));
-  blocks = blocks > 0 ? blocks : 1;
-  if (device < static_cast<int>(cache.size())) {
+  const int blocks = query_resident_blocks(kernel);
+  if (device >= 0 && device < static_cast<int>(cache.size())) {
     cache[device].store(blocks, std::memory_order_relaxed);
   }
   return blocks;
+}
+
+// Blocks of an op's kernel that fit on one SM at once: the smaller of the two tiers (both are
+// queried, so both are loaded before any capture can need them).
+template <int kDepth, typename Op>
+int resident_blocks_per_sm(int device) {
+  const auto small = multi_tensor_kernel<SmallTable<kDepth>, Op>;
+  const auto full = multi_tensor_kernel<FullTable<kDepth>, Op>;
+  const int a = cached_resident_blocks<SmallTable<kDepth>(Op)>(device, reinterpret_cast<const void*>(small));
+  const int b = cached_resident_blocks<FullTable<kDepth>(Op)>(device, reinterpret_cast<const void*>(full));
+  return a < b ? a : b;
 }
 
 // Plans and issues the launches of one op over kDepth parallel tensor lists. Empty tensors are
 // left out; a list longer than a table's capacity takes ceil(n / capacity) launches.
 template <int kDepth, typename Op>
 class MultiTensorLaunch {
-  static_assert(sizeof(TensorTable<kDepth>) + sizeof(Op) <= kMaxParamBytes, "kernel parameters too large");
+  static_assert(sizeof(FullTable<kDepth>) + sizeof(Op) <= kMaxParamBytes, "kernel parameters too large");
+  static_assert(sizeof(SmallTable<kDepth>) + sizeof(Op) <= kSmallParamBytes, "small-tier parameters too large");
 
  public:
-  using Table = TensorTable<kDepth>;
-
   // written[d]: list d is modified (its pointers are taken as mutable).
   MultiTensorLaunch(const std::array<at::TensorList, kDepth>& lists, const std::array<bool, kDepth>& written,
                     int device)
@@ -130,7 +155,7 @@ class MultiTensorLaunch {
                              resident_blocks_per_sm<kDepth, Op>(device);
     // Per-chunk results need chunks fixed by the sizes; otherwise units balance best.
     chunk_units_ = Op::kChunkResults ? norm_chunk_units(numels_) : 1;
-    groups_ = plan_launches(numels_, Table::kCapacity, resident, chunk_units_);
+    groups_ = plan_launches(numels_, FullTable<kDepth>::kCapacity, resident, chunk_units_);
     for (const LaunchGroup& group : groups_) {
       total_chunks_ += group.chunks;
     }
@@ -142,25 +167,38 @@ class MultiTensorLaunch {
   // make_op(first_chunk) builds the op of a launch whose chunks are first_chunk, first_chunk + 1, ...
   template <typename MakeOp>
   void launch(cudaStream_t stream, const MakeOp& make_op) const {
-    auto table = std::make_unique<Table>();  // 32KB: kept off the host stack
+    std::unique_ptr<FullTable<kDepth>> full;  // 32 KB: off the host stack, not zero-filled
     int64_t first_chunk = 0;
     for (const LaunchGroup& group : groups_) {
-      for (size_t slot = 0; slot < group.tensors.size(); ++slot) {
-        for (int d = 0; d < kDepth; ++d) {
-          const at::Tensor& t = lists_[d][group.tensors[slot]];
-          table->ptrs[d][slot] = written_[d] ? t.mutable_data_ptr() : const_cast<void*>(t.const_data_ptr());
+      if (uses_small_table(static_cast<int64_t>(group.tensors.size()), kDepth)) {
+        SmallTable<kDepth> table;
+        issue(table, group, stream, make_op(first_chunk));
+      } else {
+        if (!full) {
+          full.reset(new FullTable<kDepth>);
         }
+        issue(*full, group, stream, make_op(first_chunk));
       }
-      fill_table_sizes(group, numels_, table->numel, table->unit_begin);
-      table->num_tensors = static_cast<int32_t>(group.tensors.size());
-      table->chunk_units = static_cast<int32_t>(chunk_units_);
-      multi_tensor_kernel<kDepth, Op><<<group.grid, kBlockThreads, 0, stream>>>(*table, make_op(first_chunk));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       first_chunk += group.chunks;
     }
   }
 
  private:
+  template <typename Table>
+  void issue(Table& table, const LaunchGroup& group, cudaStream_t stream, const Op& op) const {
+    for (size_t slot = 0; slot < group.tensors.size(); ++slot) {
+      for (int d = 0; d < kDepth; ++d) {
+        const at::Tensor& t = lists_[d][group.tensors[slot]];
+        table.ptrs[d][slot] = written_[d] ? t.mutable_data_ptr() : const_cast<void*>(t.const_data_ptr());
+      }
+    }
+    fill_table_sizes(group, numels_, table.numel, table.unit_begin);
+    table.num_tensors = static_cast<int32_t>(group.tensors.size());
+    table.chunk_units = static_cast<int32_t>(chunk_units_);
+    multi_tensor_kernel<Table, Op><<<group.grid, kBlockThreads, 0, stream>>>(table, op);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
   std::array<at::TensorList, kDepth> lists_;
   std::array<bool, kDepth> written_;
   std::vector<int64_t> numels_;

@@ -1,4 +1,4 @@
-// accumulate_norm_ and finalize_norm_ on CUDA: per-block norm partials, merged on the device in
+// accumulate_norm_ and finalize_norm_ on CUDA: per-chunk norm partials, merged on the device in
 // a fixed order into norm_state; the finalized norm never leaves the device.
 #include "../element_math.h"
 #include "../op_checks.h"
@@ -23,7 +23,7 @@ namespace {
 constexpr const char* kNormOp = "gradfuse::accumulate_norm_";
 constexpr const char* kFinalizeOp = "gradfuse::finalize_norm_";
 
-// Norm partial of the elements of one list (table list 0), one partial per block.
+// Norm partial of the elements of one list (table list 0), one partial per chunk.
 template <typename T, bool kInfNorm>
 struct NormOp {
   static constexpr int kWidth = pack_width<T>();
@@ -35,9 +35,10 @@ struct NormOp {
 
   __device__ __forceinline__ bool begin_block() { return true; }
 
-  __device__ __forceinline__ void segment(const TensorTable<1>& table, int t, int64_t begin, int64_t n) {
+  template <typename Table>
+  __device__ __forceinline__ void segment(const Table& table, int t, int64_t begin, int64_t n) {
     data = static_cast<const T*>(table.ptrs[0][t]) + begin;
-    sweep_segment<kWidth>(n, all_vector_aligned(data), *this);
+    sweep_segment<kWidth>(n, pack_alignment<kWidth>(data), *this);
   }
 
   template <int W>
@@ -52,10 +53,7 @@ struct NormOp {
 #pragma unroll
     for (int k = 0; k < kIlp<W>; ++k) {
       if (valid[k]) {
-#pragma unroll
-        for (int j = 0; j < W; ++j) {
-          norm.add(static_cast<double>(static_cast<at::opmath_type<T>>(x[k].val[j])));
-        }
+        add_values(norm, x[k].val);
       }
     }
   }
@@ -113,7 +111,10 @@ __global__ void finalize_norm_kernel(double* __restrict__ state, int64_t* __rest
 void merge_partials_into_state(const at::Tensor& partials, const at::Tensor& norm_state, bool inf_norm,
                                cudaStream_t stream) {
   GRADFUSE_BOOL_SWITCH(inf_norm, kInfNorm, [&] {
-    merge_partials_kernel<kInfNorm><<<1, kBlockThreads, 0, stream>>>(
+    const auto kernel = merge_partials_kernel<kInfNorm>;
+    cached_resident_blocks<decltype(kernel)(std::bool_constant<kInfNorm>)>(  // loads it outside capture rules
+        norm_state.device().index(), reinterpret_cast<const void*>(kernel));
+    kernel<<<1, kBlockThreads, 0, stream>>>(
         partials.const_data_ptr<double>(), partials.numel(), norm_state.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -151,6 +152,8 @@ at::Tensor finalize_norm_(const at::Tensor& norm_state, const at::Tensor& skippe
   check_finalize_inputs(norm_state, skipped_steps, norm_type, device);
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor result = at::empty({}, norm_state.options());
+  cached_resident_blocks<decltype(finalize_norm_kernel)>(device.index(),  // loads it outside capture rules
+                                                        reinterpret_cast<const void*>(finalize_norm_kernel));
   finalize_norm_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream(device.index()).stream()>>>(
       norm_state.mutable_data_ptr<double>(), skipped_steps.mutable_data_ptr<int64_t>(),
       result.mutable_data_ptr<double>(), is_inf_norm(norm_type), scale, count_nonfinite);

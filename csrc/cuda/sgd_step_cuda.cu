@@ -62,14 +62,19 @@ struct SgdOp {
     return true;
   }
 
-  __device__ __forceinline__ void segment(const TensorTable<kDepth>& table, int t, int64_t begin, int64_t n) {
+  template <typename Table>
+  __device__ __forceinline__ void segment(const Table& table, int t, int64_t begin, int64_t n) {
     param = static_cast<param_t*>(table.ptrs[0][t]) + begin;
     grad = static_cast<const grad_t*>(table.ptrs[1][t]) + begin;
     if constexpr (kMomentum) {
       buffer = static_cast<param_t*>(table.ptrs[2][t]) + begin;
       buffer_initialized = *static_cast<const bool*>(table.ptrs[3][t]);  // flags change only after this pass
     }
-    sweep_segment<kWidth>(n, all_vector_aligned(param, grad, buffer), *this);
+    if constexpr (kMomentum) {
+      sweep_segment<kWidth>(n, pack_alignment<kWidth>(param, grad, buffer), *this);
+    } else {
+      sweep_segment<kWidth>(n, pack_alignment<kWidth>(param, grad), *this);
+    }
   }
 
   template <int W>
@@ -120,7 +125,8 @@ struct MarkInitializedOp {
 
   __device__ __forceinline__ bool begin_block() { return !skip_update(*total_norm, skip_nonfinite); }
 
-  __device__ __forceinline__ void segment(const TensorTable<1>& table, int t, int64_t begin, int64_t n) {
+  template <typename Table>
+  __device__ __forceinline__ void segment(const Table& table, int t, int64_t begin, int64_t n) {
     if (threadIdx.x == 0) {
       *static_cast<bool*>(table.ptrs[0][t]) = true;
     }
@@ -135,11 +141,11 @@ void sgd_step_typed(at::TensorList params, at::TensorList grads, at::TensorList 
   using Op = SgdOp<param_t, grad_t, kMomentum>;
   const auto make_op = [&](int64_t) { return Op{settings}; };
   if constexpr (kMomentum) {
-    const MultiTensorLaunch<4, Op> launch({params, grads, buffers, initialized}, {true, false, true, false},
-                                          device);
+    const MultiTensorLaunch<Op::kDepth, Op> launch({params, grads, buffers, initialized},
+                                                   {true, false, true, false}, device);
     launch.launch(stream, make_op);
   } else {
-    const MultiTensorLaunch<2, Op> launch({params, grads}, {true, false}, device);
+    const MultiTensorLaunch<Op::kDepth, Op> launch({params, grads}, {true, false}, device);
     launch.launch(stream, make_op);
   }
 }

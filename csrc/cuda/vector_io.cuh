@@ -1,6 +1,8 @@
 // Packs of W consecutive elements moved with the widest aligned memory instructions (16B
-// vectors; 32B packs split into two), plus the alignment test that picks the pack path.
+// vectors; 32B packs split into two), plus where a segment's packs are aligned in every list.
 #pragma once
+
+#include "launch_plan.h"
 
 #include <c10/macros/Macros.h>
 
@@ -43,11 +45,12 @@ C10_DEVICE __forceinline__ void store_pack(T* ptr, const Pack<T, W>& pack) {
   *reinterpret_cast<Pack<T, W>*>(ptr) = pack;
 }
 
-// True when every pointer may be read as 16B vectors (each pack is at least 16 bytes).
-template <typename... Ptrs>
-C10_DEVICE __forceinline__ bool all_vector_aligned(const Ptrs*... ptrs) {
-  const uintptr_t bits = (reinterpret_cast<uintptr_t>(ptrs) | ...);
-  return bits % kVectorBytes == 0;
+// Where packs of W elements are aligned in every list (see add_list_alignment).
+template <int W, typename... Ts>
+C10_DEVICE __forceinline__ PackAlignment pack_alignment(const Ts*... ptrs) {
+  PackAlignment alignment{0, 1};
+  ((alignment = add_list_alignment(alignment, reinterpret_cast<uintptr_t>(ptrs), sizeof(Ts), W)), ...);
+  return alignment;
 }
 
 }  // namespace gradfuse::cuda
