@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import bytes_model, cases, host_overhead, report, training_cases, workloads
+from . import adamw_cases, bytes_model, cases, clip_cases, host_overhead, report, training_cases, workloads
 from .ceiling import measure_ceiling
 from .machine import machine_info, machine_tag
 from .plot import plot_sweep
@@ -192,6 +192,11 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.empty_cache()
     progress.close()
+    if not args.only:  # the standalone clip and AdamW against their torch equivalents, same run
+        for key, run_rule in (("clip_rows", clip_cases.run_clip_cases), ("adamw_rows", adamw_cases.run_adamw_cases)):
+            result[key] = run_rule(device, args.quick, log=lambda line: print(line, file=sys.stderr))
+            for row in result[key]:
+                emit(row)
     if rows_file is not None:
         rows_file.close()
     result["targets"] = report.evaluate_targets(result)
