@@ -74,7 +74,8 @@ struct AdamwOp {
     return true;
   }
 
-  __device__ __forceinline__ void segment(const TensorTable<kDepth>& table, int t, int64_t begin, int64_t n) {
+  template <typename Table>
+  __device__ __forceinline__ void segment(const Table& table, int t, int64_t begin, int64_t n) {
     param = static_cast<param_t*>(table.ptrs[0][t]) + begin;
     grad = static_cast<const grad_t*>(table.ptrs[1][t]) + begin;
     exp_avg = static_cast<param_t*>(table.ptrs[2][t]) + begin;
@@ -87,7 +88,11 @@ struct AdamwOp {
       adamw_tensor_scalars(s, lr, settings.beta1, settings.beta2, step);
       scalars_step = step;
     }
-    sweep_segment<kWidth>(n, all_vector_aligned(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq), *this);
+    if constexpr (kAmsgrad) {
+      sweep_segment<kWidth>(n, pack_alignment<kWidth>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq), *this);
+    } else {
+      sweep_segment<kWidth>(n, pack_alignment<kWidth>(param, grad, exp_avg, exp_avg_sq), *this);
+    }
   }
 
   template <int W>
@@ -149,7 +154,8 @@ struct IncrementStepsOp {
 
   __device__ __forceinline__ bool begin_block() { return !skip_update(*total_norm, skip_nonfinite); }
 
-  __device__ __forceinline__ void segment(const TensorTable<1>& table, int t, int64_t begin, int64_t n) {
+  template <typename Table>
+  __device__ __forceinline__ void segment(const Table& table, int t, int64_t begin, int64_t n) {
     if (threadIdx.x == 0 && begin == 0) {  // a 1-element tensor is one segment of one block
       void* step = table.ptrs[0][t];
       const double next = incremented_step(step, double_steps);
