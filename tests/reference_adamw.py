@@ -4,22 +4,7 @@ import math
 
 import torch
 
-F64 = torch.float64
-CLIP_EPS = 1e-6  # the constant torch.nn.utils.clip_grad_norm_ adds to the norm
-
-
-def as64(t):
-    # Exact widening: every float16/bfloat16/float32 value is representable in float64.
-    return t.detach().to(device="cpu", dtype=F64).clone()
-
-
-def clip_factor(norm, max_norm):
-    # clip_grad_norm_'s coefficient, clamped to 1; no clipping when max_norm is None/0.
-    if not max_norm:
-        return 1.0
-    if math.isnan(norm):
-        return math.nan  # torch.clamp keeps NaN (Python's min would drop it)
-    return min(1.0, max_norm / (norm + CLIP_EPS))
+from reference import as64, clip_factor  # noqa: F401  (the SGD reference's, shared: no gradfuse code)
 
 
 def adamw_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, *, lr, beta1, beta2, eps,
