@@ -339,7 +339,7 @@ class FusedAccumOptimizer(Optimizer):
         shards are not handed back: FSDP2 reduces every gradient it produces. Under GradScaler the
         sum goes back scaled by this micro-batch's scale, like the gradient added to it."""
         if not _distributed():
-            return  # half-precision sums go back in the parameter dtype only when reduced
+            return
         grads = [None] * len(self._sorted)
         for b in self._buckets:
             if b.sharded:
