@@ -71,8 +71,7 @@ class FusedAccumAdamW(FusedAccumOptimizer):
         step = entry.get("step")
         if step is not None:
             value = step if isinstance(step, numbers.Real) and not isinstance(step, bool) else None
-            if isinstance(step, torch.Tensor) and step.numel() == 1 and (step.is_floating_point() or
-                                                                        not step.dtype.is_complex):
+            if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex():
                 value = float(step)
             if value is None or not 0 <= value < float("inf"):
                 raise ValueError(f"step of parameter {index} must be a non-negative number or 1-element tensor, "

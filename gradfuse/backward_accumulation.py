@@ -4,7 +4,7 @@ cycle holds the accumulators plus about one layer's gradient instead of the accu
 every parameter's .grad. step() still marks each micro-batch (it finds no .grad left to take)."""
 import torch
 
-from . import direct_ops
+from . import direct_ops, gradient_codes
 from .distributed_norm import is_dtensor
 
 
@@ -48,13 +48,13 @@ class BackwardAccumulation:
                                f"gradient of shape {tuple(grad.shape)}; accumulate_in_backward=True needs dense "
                                f"gradients shaped and typed like their parameters")
         param.grad = None  # freed now: the point of this mode
-        if grad.numel() > 1 and grad.stride() != param.stride():
+        code = gradient_codes.code_for(grad, param)
+        if code == gradient_codes.RELAYOUT:
             grad = torch.empty_like(param).copy_(grad)  # the kernels sweep both as flat memory
+            code = gradient_codes.ADOPT
         b, acc = opt._buckets[bucket_index], opt._accs[k]
         if acc is None:
-            adoptable = (grad.dtype == b.acc_dtype and not grad._is_view() and grad.storage_offset() == 0
-                         and not grad.requires_grad)
-            if adoptable:
+            if code == gradient_codes.ADOPT and grad.dtype == b.acc_dtype:
                 opt._accs[k] = grad  # nobody else holds it any more
             else:
                 if opt._owned[k] is None:

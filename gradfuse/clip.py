@@ -17,9 +17,8 @@ import warnings
 
 import torch
 
-from . import distributed_norm, ops
-from ._native import cuda_compiled, direct as _direct, inspect_parameters
-from .direct_ops import _eager
+from . import direct_ops, distributed_norm, ops
+from ._native import cuda_compiled, inspect_parameters
 
 FUSED_NORM_TYPES = (2.0, math.inf)
 CLIP_EPSILON = 1e-6  # the constant torch adds to the norm before dividing
@@ -95,11 +94,6 @@ def _is_dense(t):
     return inspect_parameters([t])[0] == -1
 
 
-def _accumulate_norm(state, tensors, norm_type):
-    if not (_eager() and _direct.accumulate_norm_(state, tensors, norm_type)):
-        ops.accumulate_norm_(state, tensors, norm_type)
-
-
 def _norm64(buckets, norm_type, first_device):
     """0-dim float64 norm of all buckets on first_device: one norm state per (groups, device),
     all-reduced over its groups, then merged (sum of squares, or max) and finalized on the device."""
@@ -110,18 +104,16 @@ def _norm64(buckets, norm_type, first_device):
         if state is None:
             state = states[key] = ops.new_norm_state(bucket.device)
         if bucket.dense:
-            _accumulate_norm(state, bucket.dense, norm_type)
+            direct_ops.accumulate_norm_(state, bucket.dense, norm_type)
         if bucket.strided:
-            _accumulate_norm(state, [t.contiguous() for t in bucket.strided], norm_type)
+            direct_ops.accumulate_norm_(state, [t.contiguous() for t in bucket.strided], norm_type)
     for (groups, _), state in states.items():
         if groups:
             distributed_norm.all_reduce_norm_state_(state, groups, norm_type)
-    merged = [state.to(first_device) for state in states.values()]
-    if len(merged) == 1:
-        state = merged[0]
-    else:  # amax and sum propagate NaN, like the kernels' own merge
-        stacked = torch.stack(merged)
-        state = stacked.amax(0) if math.isinf(norm_type) else stacked.sum(0)
+    merged = list(states.values())
+    state = merged[0].to(first_device)
+    for other in merged[1:]:
+        ops.merge_norm_state_(state, other.to(first_device), norm_type)
     unused_counter = torch.zeros((), dtype=torch.long, device=first_device)
     return ops.finalize_norm_(state, unused_counter, norm_type)
 
@@ -166,8 +158,8 @@ def _scale_(buckets, coefficient):
         for tensors in _occurrences(bucket.dense):
             if bucket.dtype == torch.float64:  # a float32 factor would cost float64 gradients precision
                 torch._foreach_mul_(tensors, device_coefficient)
-            elif not (_eager() and _direct.accumulate_(tensors, tensors, 1.0, True, None, 2.0, inverse)):
-                ops.accumulate_(tensors, tensors, 1.0, True, None, 2.0, inverse)
+            else:
+                direct_ops.accumulate_(tensors, tensors, 1.0, True, None, 2.0, inverse)
         for t in bucket.strided:
             t.mul_(device_coefficient)
 

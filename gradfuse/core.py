@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from . import direct_ops, ops
+from . import direct_ops, gradient_codes, ops
 from . import hyperparameters as hp
 from ._native import GradientInspector, first_modified, inspect_parameters
 from .backward_accumulation import BackwardAccumulation
@@ -29,8 +29,7 @@ class _Bucket:
         self.domain, self.sharded = domain, sharded  # domain: a key of FusedAccumOptimizer._domains
 
 
-# GradientCode values (csrc/tensor_checks.h) as the bytes GradientInspector.gather returns.
-_NONE, _ADOPT, _COPY, _RELAYOUT = b"\x00", b"\x01", b"\x02", b"\x03"
+_NONE, _ADOPT, _RELAYOUT = gradient_codes.NONE, gradient_codes.ADOPT, gradient_codes.RELAYOUT
 
 _NO_GRADIENT = ("a whole accumulation cycle passed without any gradient, so nothing was updated (as "
                 "torch.optim.SGD.step() does without gradients); call backward() before step()")
@@ -279,12 +278,7 @@ class FusedAccumOptimizer(Optimizer):
                                        f"{shard.dtype}{tuple(shard.shape)} does not match the parameter's local "
                                        f"shard {own.dtype}{tuple(own.shape)}")
                 grads[k] = shard
-                if shard.numel() > 1 and shard.stride() != own.stride():
-                    codes[k] = _RELAYOUT[0]
-                elif shard._is_view() or shard.requires_grad or shard.storage_offset() != 0:
-                    codes[k] = _COPY[0]  # FSDP2's shards are views of its reduce-scatter output
-                else:
-                    codes[k] = _ADOPT[0]
+                codes[k] = gradient_codes.code_for(shard, own)[0]  # FSDP2's shards are views: copied
         return bytes(codes)
 
     def _kernel_params(self, slots):
@@ -492,12 +486,7 @@ class FusedAccumOptimizer(Optimizer):
         for key in keys:
             other = self._norm_states[key]
             if key != (primary, ""):  # merge the raw states (a copy that syncs on CPU+CUDA)
-                moved = other.to(primary)
-                if self.norm_type == float("inf"):
-                    state[:1].copy_(torch.maximum(state[:1], moved[:1]))  # maximum keeps NaN
-                else:
-                    state[:1].add_(moved[:1])
-                state[1:].copy_(torch.maximum(state[1:], moved[1:]))
+                ops.merge_norm_state_(state, other.to(primary), self.norm_type)
                 other.zero_()
         return ops.finalize_norm_(state, self.skipped_steps, self.norm_type, scale, count)
 

@@ -1,5 +1,6 @@
 """Typed Python entry points for the gradfuse ops, plus their fake (meta) implementations
 so the ops can be traced by torch.compile / FakeTensor."""
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -12,6 +13,16 @@ NORM_STATE_SIZE = 2  # [running value (sum of squares or max |x|), non-finite fl
 def new_norm_state(device) -> torch.Tensor:
     """A zeroed norm accumulator for accumulate_/accumulate_norm_/finalize_norm_."""
     return torch.zeros(NORM_STATE_SIZE, dtype=torch.float64, device=device)
+
+
+def merge_norm_state_(state: torch.Tensor, other: torch.Tensor, norm_type: float) -> None:
+    """state += other for two norm states on one device: running values summed (2-norm) or maxed
+    (inf-norm), flags maxed; NaN propagates (torch.maximum keeps it). No host sync."""
+    if math.isinf(norm_type):
+        state[:1].copy_(torch.maximum(state[:1], other[:1]))
+    else:
+        state[:1].add_(other[:1])
+    state[1:].copy_(torch.maximum(state[1:], other[1:]))
 
 
 def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float = 1.0,
