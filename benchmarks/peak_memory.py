@@ -7,9 +7,12 @@ default mode (accumulators + each micro-batch's .grad) and accumulate_in_backwar
 Each mode runs in its own process. On CPU the peak is the process's maximum resident set
 (ru_maxrss) minus the resident set once the model and data exist; on CUDA torch's
 max_memory_allocated minus the allocation at that point. Momentum-free SGD, so the optimizer
-holds nothing but its accumulators."""
+holds nothing but its accumulators. glibc's mmap threshold is fixed for the measured processes:
+its default moves up after a large free, after which freed tensors stay resident in the heap and
+the resident set no longer tracks live memory."""
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -65,7 +68,8 @@ def run_all(device, layers, width, k):
     for mode in MODES:
         out = subprocess.run([sys.executable, "-m", "benchmarks.peak_memory", "--one", mode, "--device", device,
                               "--layers", str(layers), "--width", str(width), "--k", str(k)],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True,
+                             env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 << 10)))
         peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
     return peaks
 
