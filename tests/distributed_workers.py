@@ -7,12 +7,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradfuse import FusedAccumSGD
+from gradfuse import FusedAccumAdamW, FusedAccumSGD
 
 ROWS_PER_RANK = 3
 CYCLES = 3
 K = 4
 HYPER = dict(lr=0.2, momentum=0.9, weight_decay=0.01, accumulation_steps=K, max_grad_norm=0.05)
+# Each rule with its hyperparameters: the FSDP2 scenario runs both.
+RULES = {"sgd": (FusedAccumSGD, HYPER),
+         "adamw": (FusedAccumAdamW, dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.01, accumulation_steps=K,
+                                         max_grad_norm=0.05))}
 
 
 DEVICE = torch.device("cpu")  # set per process by entry(): cpu on gloo, the rank's GPU on nccl
@@ -37,10 +41,11 @@ def rank_rows(batch, rank, ranks):
     return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
 
 
-def reference_params(batches, **hyper):
+def reference_params(batches, rule="sgd", **hyper):
     """Single-process FusedAccumSGD on the full model and the concatenated micro-batches."""
     model = make_model()
-    opt = FusedAccumSGD(model.parameters(), **dict(HYPER, **hyper))
+    cls, defaults = RULES[rule]
+    opt = cls(model.parameters(), **dict(defaults, **hyper))
     norms = []
     for x, y in batches:
         nn.functional.mse_loss(model(x), y).backward()
@@ -106,18 +111,19 @@ def ddp_no_sync(rank, ranks, use_no_sync, bucket_view):
                              f"expected {expected_reductions}")
 
 
-def fsdp2(rank, ranks, mesh_shape, sync_every_micro_batch):
+def fsdp2(rank, ranks, mesh_shape, sync_every_micro_batch, rule="sgd"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     batches = micro_batches()
-    expected, expected_norms = reference_params(batches)
+    expected, expected_norms = reference_params(batches, rule)
     mesh = init_device_mesh(DEVICE.type, mesh_shape, mesh_dim_names=("replicate", "shard")[-len(mesh_shape):])
     model = make_model()
     for layer in (model[0], model[2]):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = FusedAccumSGD(model.parameters(), **HYPER)
+    cls, hyper = RULES[rule]
+    opt = cls(model.parameters(), **hyper)
     norms, torch_norms = [], []
     for batch in batches:
         x, y = rank_rows(batch, rank, ranks)
@@ -132,7 +138,7 @@ def fsdp2(rank, ranks, mesh_shape, sync_every_micro_batch):
         if opt.micro_step == 0:
             norms.append(float(opt.last_grad_norm))
     full = [p.full_tensor().detach() for p in model.parameters()]
-    check_close(full, expected, f"FSDP2 mesh {mesh_shape}")
+    check_close(full, expected, f"FSDP2 {rule} mesh {mesh_shape}")
     if max(abs(a - b) for a, b in zip(norms, expected_norms)) > 1e-12:
         raise AssertionError(f"FSDP2 norms {norms} != single-process {expected_norms}")
     if not sync_every_micro_batch and max(abs(a - b) for a, b in zip(norms, torch_norms)) > 1e-12:

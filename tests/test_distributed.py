@@ -57,6 +57,11 @@ def test_fsdp2_matches_single_process(backend, ranks, sync_every_micro_batch):
     spawn(ranks, "fsdp2", (ranks,), sync_every_micro_batch, backend=backend)
 
 
+def test_fsdp2_adamw_matches_single_process(backend):
+    # The README's FSDP2 recipe uses FusedAccumAdamW: its DTensor moments and device step counts.
+    spawn(2, "fsdp2", (2,), False, "adamw", backend=backend)
+
+
 @pytest.mark.parametrize("sync_every_micro_batch", [True, False], ids=["reduce_scatter_each", "sync_last_only"])
 def test_hsdp_2d_mesh_matches_single_process(backend, sync_every_micro_batch):
     spawn(4, "fsdp2", (2, 2), sync_every_micro_batch, backend=backend)
