@@ -1,6 +1,7 @@
 // The gradfuse._C Python module: loading it registers the ops; it also exposes the
 // native gradient inspection the optimizer runs before touching any state.
 #include "direct_calls.h"
+#include "flat_binding.h"
 #include "launch_plan_python.h"
 #include "tensor_checks.h"
 
@@ -120,6 +121,7 @@ PYBIND11_MODULE(_C, m) {
            "Sets parameter i's .grad to grads[i] wherever grads[i] is not None");
   gradfuse::bind_launch_plan(m);
   gradfuse::bind_direct_calls(m);
+  gradfuse::bind_flat_binding(m);
 #ifdef GRADFUSE_WITH_CUDA
   m.attr("cuda_compiled") = true;
 #else

@@ -13,4 +13,5 @@ cuda_compiled = bool(_C.cuda_compiled)
 inspect_parameters = _C.inspect_parameters
 first_modified = _C.first_modified
 GradientInspector = _C.GradientInspector
+FlatBinding = _C.FlatBinding
 direct = _C.direct

@@ -15,6 +15,7 @@ from . import hyperparameters as hp
 from ._native import GradientInspector, first_modified, inspect_parameters
 from .backward_accumulation import BackwardAccumulation
 from .distributed_norm import all_reduce_norm_state_, is_dtensor, local_tensor, shard_groups
+from .flat_storage import FlatStorage, check_flat_params
 from .state_io import export_state, import_state
 
 
@@ -61,12 +62,14 @@ class FusedAccumOptimizer(Optimizer):
     _GROUP_KEYS: tuple = ()
     _STATE_KEYS: frozenset = frozenset()
     _SLOT_KEYS: tuple = ()
+    _ELEMENT_KEYS: tuple = ()  # the slot keys shaped like the parameter (the rest are 0-dim)
 
     def __init__(self, params, defaults, *, accumulation_steps=1, max_grad_norm=None, norm_type=2.0,
                  skip_nonfinite=True, error_if_nonfinite=False, accum_dtype=None, process_group=None,
-                 accumulate_in_backward=False):
+                 accumulate_in_backward=False, flat_buffers=False):
         self._name = type(self).__name__
         self._backward = None
+        self._flat: Optional[FlatStorage] = None
         self.accumulation_steps = hp.check_accumulation_steps(accumulation_steps)
         self.max_grad_norm = hp.check_max_grad_norm(max_grad_norm)
         self.norm_type = hp.check_norm_type(norm_type)
@@ -87,6 +90,11 @@ class FusedAccumOptimizer(Optimizer):
                                  f"DDP and FSDP read .grad after the hook would have freed it")
             self._backward = BackwardAccumulation(self)
             self._backward.attach()
+        if hp.check_flag("flat_buffers", flat_buffers):
+            if self._backward is not None:
+                raise ValueError(f"{self._name}: flat_buffers=True and accumulate_in_backward=True exclude each "
+                                 f"other (autograd already accumulates in place into the flat buffer)")
+            self._flat = FlatStorage(self)
 
     def _check_group(self, group, check_tensor_lr=True):
         raise NotImplementedError
@@ -128,6 +136,8 @@ class FusedAccumOptimizer(Optimizer):
             raise ValueError("some parameters appear in more than one parameter group")
         for p in params:
             hp.accumulator_dtype(p.dtype, self.accum_dtype)
+        if getattr(self, "_flat", None) is not None:
+            check_flat_params(params, self._name, self.accum_dtype)
         _check_no_shared_memory([p for g in self.param_groups for p in g["params"]] + params, self._name)
         group = dict(param_group, params=params)
         candidate = dict(self.defaults, **group)
@@ -167,6 +177,8 @@ class FusedAccumOptimizer(Optimizer):
         self._remap_slot_state()
         if self._backward is not None:
             self._backward.attach()  # hooks know their slot: new layout, new hooks
+        if getattr(self, "_flat", None) is not None:
+            self._flat = FlatStorage(self)  # new buckets, new buffers (values, sums and state carried over)
 
     def _remap_slot_state(self):
         """Re-aligns the per-slot state lists with a (possibly new) slot order."""
@@ -197,7 +209,13 @@ class FusedAccumOptimizer(Optimizer):
     @torch.compiler.disable  # native loops over .grad: eager, like step()
     def zero_grad(self, set_to_none: bool = True):
         """As Optimizer.zero_grad; a gradient adopted as this cycle's accumulator is replaced
-        by a fresh zero tensor instead of being zeroed in place (set_to_none=False)."""
+        by a fresh zero tensor instead of being zeroed in place (set_to_none=False). With
+        flat_buffers=True the flat gradient buffers are zeroed in place when a cycle starts
+        (micro_step == 0), and nothing happens mid-cycle: .grad holds the running sum."""
+        if self._flat is not None:
+            if self._micro_step == 0:
+                self._flat.zero_grads()
+            return
         if set_to_none:
             self._inspector.clear_grads()  # one native loop: cheap for thousands of tensors
             if self._handed_back:  # the last micro-batch of the cycle must add into the accumulators
@@ -300,6 +318,9 @@ class FusedAccumOptimizer(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             self._check_group(group, check_tensor_lr=False)
+        if self._flat is not None:
+            self._step_flat()
+            return loss
         grads, codes = self._gather_gradients()
         self._check_adopted_untouched()
         amp_scale = getattr(self, "grad_scale", None)
@@ -322,6 +343,30 @@ class FusedAccumOptimizer(Optimizer):
             if self._micro_step + 1 == self.accumulation_steps:
                 self._hand_back(amp_scale)
         return loss
+
+    def _step_flat(self):
+        """flat_buffers=True: autograd has added the micro-batch into the flat gradient buffers;
+        only the cycle's last micro-step has work: one norm and one update call per bucket."""
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError(f"{self._name}: flat_buffers=True cannot be used with GradScaler: autograd sums the "
+                               f"micro-batches' scaled gradients in place, so a scale change mid-cycle could not be "
+                               f"undone; use flat_buffers=False, or bfloat16 autocast (which needs no scaler)")
+        self._flat.check()
+        if self._micro_step == 0 and self._flat.dirty:
+            raise RuntimeError(f"{self._name}: the gradient buffers still hold the last cycle's sum; with "
+                               f"flat_buffers=True call optimizer.zero_grad() after the step that ends a cycle")
+        if self._micro_step + 1 < self.accumulation_steps:
+            self._micro_step += 1
+            return
+        self._flat.check_every_gradient_arrived()
+        if self._needs_norm():
+            for bi, b in enumerate(self._buckets):
+                direct_ops.accumulate_norm_(self._norm_state(b.device, b.domain), [self._flat.grads[bi]],
+                                            self.norm_type)
+        self._had_gradient = True
+        self._live = [b.stop - b.start for b in self._buckets]
+        self._flat.dirty = True  # from here on the buffers hold a finished sum until zero_grad()
+        self._finish_cycle()
 
     # ------------------------------------------------------------------ the last micro-batch
     def _hand_back(self, amp_scale):
@@ -522,7 +567,7 @@ class FusedAccumOptimizer(Optimizer):
         """The bucket's slots to update, split so each op call sees one gradient dtype (a
         fp16/bf16 bucket may mix float32 accumulators with gradients adopted at the boundary)."""
         b, accs = self._buckets[bi], self._accs
-        if self._live[bi] == b.stop - b.start and b.adopts:
+        if self._flat is not None or (self._live[bi] == b.stop - b.start and b.adopts):
             return [range(b.start, b.stop)]
         split = defaultdict(list)
         for k in range(b.start, b.stop):
@@ -536,7 +581,9 @@ class FusedAccumOptimizer(Optimizer):
         """One fused update call of the rule over the given slots of bucket bi."""
         b = self._buckets[bi]
         params = self._kernel_params(slots)
-        if isinstance(slots, range):
+        if self._flat is not None:  # the whole bucket as one tensor
+            params, accs = [self._flat.params[bi]], [self._flat.grads[bi]]
+        elif isinstance(slots, range):
             accs = self._accs[slots.start:slots.stop]
         else:
             accs = [self._accs[k] for k in slots]
@@ -560,6 +607,8 @@ class FusedAccumOptimizer(Optimizer):
         """The rule's per-parameter state tensors for the slots, one list per key (local shards
         of DTensor state), created zero-filled on first use (a skipped first cycle leaves a
         harmless state behind)."""
+        if self._flat is not None:
+            return self._flat.state_tensors(bucket_index, keys)
         bucket = self._buckets[bucket_index]
         if not self._state_ready[bucket_index]:
             group = self.param_groups[bucket.group_index]
@@ -593,6 +642,13 @@ class FusedAccumOptimizer(Optimizer):
             self._state_ready.append(all(self._slot_state[key][k] is not None for key in required
                                          for k in range(b.start, b.stop)))
 
+    def _saved_accumulators(self):
+        """Raw running sums by slot, as a checkpoint stores them (flat_buffers: the .grad views)."""
+        if self._flat is not None:
+            views = self._flat.grad_views() if self._micro_step > 0 else []
+            return {k: view.clone() for k, view in enumerate(views)}
+        return {k: self._saved_accumulator(k) for k, acc in enumerate(self._accs) if acc is not None}
+
     def _saved_accumulator(self, k):
         """Slot k's raw (unscaled) running sum, as a checkpoint stores it."""
         acc = self._accs[k]
@@ -604,6 +660,10 @@ class FusedAccumOptimizer(Optimizer):
         """Reinstalls a saved cycle: raw accumulator sums by parameter index (as owned copies)."""
         self._reset_cycle_state()
         slot_of = {i: k for k, i in enumerate(self._order)}
+        if self._flat is not None:
+            self._flat.restore({slot_of[i]: saved for i, saved in accumulators.items()})
+            self._micro_step = micro_step if slot_of else 0
+            return
         for bi, b in enumerate(self._buckets):
             for k in range(b.start, b.stop):
                 saved = accumulators.get(self._order[k])
@@ -623,12 +683,20 @@ class FusedAccumOptimizer(Optimizer):
             for key in self._SLOT_KEYS:
                 self._slot_state[key][k] = state.get(key)
         self._sync_state_ready()
+        if self._flat is not None:
+            self._flat.forget_state()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
         """The torch optimizer's format plus a 'gradfuse' entry with the accumulators and
         micro-step position, so a mid-cycle save resumes exactly."""
-        return export_state(self, super().state_dict())
+        state_dict = export_state(self, super().state_dict())
+        if self._flat is not None:  # flat mode shares one step/flag tensor per bucket: a copy for each
+            for state in state_dict["state"].values():
+                for key, value in state.items():
+                    if key not in self._ELEMENT_KEYS and isinstance(value, torch.Tensor):
+                        state[key] = value.clone()
+        return state_dict
 
     def load_state_dict(self, state_dict):
         """Loads this optimizer's or the matching torch optimizer's state dict; everything is

@@ -19,7 +19,7 @@ def export_state(opt, state_dict):
         "format_version": FORMAT_VERSION,
         "accumulation_steps": opt.accumulation_steps,
         "micro_step": opt._micro_step,
-        "accumulators": {opt._order[k]: opt._saved_accumulator(k) for k, acc in enumerate(opt._accs) if acc is not None},
+        "accumulators": {opt._order[k]: acc for k, acc in opt._saved_accumulators().items()},
         "handback_scale": None if opt._handback_scale is None else opt._handback_scale.clone(),
         "skipped_steps": opt.skipped_steps.clone(),
         "last_grad_norm": None if opt.last_grad_norm is None else opt.last_grad_norm.clone(),
@@ -89,6 +89,8 @@ def _validate(opt, state_dict):
             _fail(f"state of parameter {index} has keys {sorted(unknown)} that {opt._RULE} does not use "
                   f"(a state dict of another optimizer?)")
         opt._check_loaded_state(index, entry, params[index], _check_tensor_for)
+    if opt._flat is not None:
+        opt._flat.check_loaded(state)
     extra = state_dict.get("gradfuse")
     if extra is None:
         return

@@ -1,0 +1,191 @@
+"""flat_buffers=True: each bucket's parameters, gradients and per-element optimizer state become
+views of one flat buffer per bucket (group, device, dtype), so that autograd adds every
+micro-batch into the flat gradient buffer in place, and the norm and the update are one flat
+loop or launch per bucket however many tensors the model has (the design of DDP's
+gradient_as_bucket_view and Megatron-LM's contiguous gradient buffer).
+
+What changes for the user: p.data is rebound to a view of the flat buffer at construction; p.grad
+is a view too, and holds the running sum of the cycle; optimizer.zero_grad() zeroes the buffer in
+place at the start of a cycle (set_to_none is ignored) and does nothing mid-cycle; every parameter
+is updated every cycle. Whatever breaks those rules is refused with an error naming the parameter."""
+import torch
+
+from ._native import FlatBinding
+from .distributed_norm import is_dtensor
+
+_ALIGN_BYTES = 64  # every view starts on a cache line: vector loads of one tensor stay aligned
+
+
+def check_flat_params(params, name, accum_dtype):
+    """Parameters flat_buffers=True cannot hold, refused before anything changes."""
+    for i, p in enumerate(params):
+        if is_dtensor(p):
+            raise ValueError(f"{name}: flat_buffers=True does not support DTensor (FSDP2) parameter {i}: FSDP2 "
+                             f"owns their storage; use the default mode")
+        if not p.requires_grad:
+            raise ValueError(f"{name}: parameter {i} does not require grad; flat_buffers=True updates every "
+                             f"parameter it holds each cycle, so pass only trainable ones "
+                             f"([p for p in model.parameters() if p.requires_grad])")
+        if accum_dtype is not None and accum_dtype != p.dtype:
+            raise ValueError(f"{name}: flat_buffers=True accumulates in .grad, in the parameter's dtype "
+                             f"({p.dtype} for parameter {i}); accum_dtype={accum_dtype} cannot be honoured")
+        grad = p.grad
+        if grad is not None and (grad.layout != torch.strided or grad.shape != p.shape or grad.dtype != p.dtype):
+            raise ValueError(f"{name}: parameter {i} has a {grad.layout} {grad.dtype} gradient of shape "
+                             f"{tuple(grad.shape)}; flat_buffers=True needs dense gradients like their parameters")
+
+
+def _layout(members):
+    """Start offsets (in elements, cache-line aligned) and the total length of one flat buffer."""
+    offsets, total = [], 0
+    for p in members:
+        step = max(1, _ALIGN_BYTES // p.element_size())
+        total = -(-total // step) * step
+        offsets.append(total)
+        total += p.numel()
+    return offsets, total
+
+
+def _view(flat, offset, like):
+    """A tensor over flat's memory at offset, shaped and strided like `like`. Built with set_, not
+    slicing: it then has its own version counter, which tells whether autograd wrote to it."""
+    return torch.empty(0, dtype=flat.dtype, device=flat.device).set_(
+        flat.untyped_storage(), offset, like.shape, like.stride())
+
+
+class FlatStorage:
+    """The flat buffers of one optimizer's current bucket layout."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.params, self.grads = [], []  # one flat tensor per bucket
+        self.states = []  # per bucket: state key -> flat tensor (per-element keys) or shared 0-dim tensor
+        self.offsets = []
+        self.dirty = False  # a cycle ended and its sum is still in the buffers: zero_grad() must come first
+        self._build()
+
+    @torch.no_grad()
+    def _build(self):
+        opt = self.opt
+        check_flat_params(opt._sorted, opt._name, opt.accum_dtype)
+        param_views, grad_views = [], []
+        for b in opt._buckets:
+            members = opt._sorted[b.start:b.stop]
+            offsets, total = _layout(members)
+            dtype = members[0].dtype
+            flat_param = torch.zeros(total, dtype=dtype, device=b.device)
+            flat_grad = torch.zeros(total, dtype=dtype, device=b.device)
+            for p, offset in zip(members, offsets):
+                view = _view(flat_param, offset, p).copy_(p)
+                param_views.append(view)
+                grad = _view(flat_grad, offset, p)
+                if p.grad is not None:  # a gradient pending at construction counts, as autograd's would
+                    grad.copy_(p.grad)
+                grad_views.append(grad)
+            self.params.append(flat_param)
+            self.grads.append(flat_grad)
+            self.states.append({})
+            self.offsets.append(offsets)
+        for p, view in zip(opt._sorted, param_views):  # nothing below can fail: rebind the user's tensors
+            p.data = view
+        self.binding = FlatBinding(opt._sorted, param_views, grad_views)
+        self.binding.bind_grads()
+        self.binding.mark_cycle_start()
+
+    # ------------------------------------------------------------------ gradients
+    def check(self):
+        """Raises unless every parameter and .grad is still its view of the flat buffers."""
+        bad, reason = self.binding.check()
+        if bad >= 0:
+            opt = self.opt
+            raise RuntimeError(f"{opt._name}: {opt._describe(opt._order[bad])} {reason}. With flat_buffers=True "
+                               f"parameters and gradients must stay views of the optimizer's flat buffers: zero "
+                               f"gradients with optimizer.zero_grad(), and build the optimizer after moving or "
+                               f"casting the model.")
+
+    def check_every_gradient_arrived(self):
+        """At the end of a cycle: every parameter got a gradient in it (a zero one would still be
+        decayed and pushed by momentum, where torch.optim skips a parameter without gradient)."""
+        k = self.binding.first_untouched()
+        if k >= 0:
+            opt = self.opt
+            raise RuntimeError(f"{opt._name}: {opt._describe(opt._order[k])} received no gradient in this "
+                               f"accumulation cycle; flat_buffers=True updates every parameter every cycle, "
+                               f"where torch.optim skips one without gradient. Use flat_buffers=False for "
+                               f"models whose parameters can go without gradients.")
+
+    def zero_grads(self):
+        """A new cycle: the gradient buffers zeroed in place, gradients rebound, versions recorded."""
+        for grad in self.grads:
+            grad.zero_()
+        self.binding.bind_grads()
+        self.binding.mark_cycle_start()
+        self.dirty = False
+
+    def grad_views(self):
+        """Each slot's .grad view (the running sum of the cycle), in slot order."""
+        return [p.grad for p in self.opt._sorted]
+
+    @torch.no_grad()
+    def restore(self, sums):
+        """A saved cycle back in the buffers: sums maps slot -> raw running sum."""
+        self.zero_grads()
+        for k, total in sums.items():
+            self.opt._sorted[k].grad.copy_(total)  # bumps the view's version: it had gradients
+
+    # ------------------------------------------------------------------ optimizer state
+    def state_tensors(self, bi, keys):
+        """The rule's state for bucket bi as one-element lists (a flat buffer or a shared scalar)."""
+        entry = self.states[bi]
+        missing = [key for key in keys if key not in entry]
+        if missing:
+            self._create_state(bi, missing)
+        return [[entry[key]] for key in keys]
+
+    def forget_state(self):
+        """After load_state_dict: the loaded per-parameter state is flattened again on next use."""
+        self.states = [{} for _ in self.states]
+
+    @torch.no_grad()
+    def _create_state(self, bi, keys):
+        """Flat state for bucket bi, starting from any per-parameter state already there (loaded,
+        or from an earlier layout); a scalar (step count, written flag) is one tensor for all."""
+        opt, b = self.opt, self.opt._buckets[bi]
+        members = opt._sorted[b.start:b.stop]
+        group = opt.param_groups[b.group_index]
+        fresh = opt._new_param_state(members[0], group, {})
+        entry = self.states[bi]
+        for key in keys:
+            existing = [opt.state[p].get(key) for p in members]
+            if key in opt._ELEMENT_KEYS:
+                flat = torch.zeros_like(self.params[bi], dtype=fresh[key].dtype)
+                values = [_view(flat, offset, p) for p, offset in zip(members, self.offsets[bi])]
+                for value, old in zip(values, existing):
+                    if old is not None:
+                        value.copy_(old)
+                entry[key] = flat
+            else:
+                shared = fresh[key] if existing[0] is None else existing[0].clone()
+                values = [shared] * len(members)
+                entry[key] = shared
+            for k, (p, value) in enumerate(zip(members, values), start=b.start):
+                opt.state[p][key] = value
+                opt._slot_state[key][k] = value
+
+    def check_loaded(self, state_by_index):
+        """Before load_state_dict changes anything: within a bucket, every parameter has the same
+        state keys and the same step count (the bucket is updated as one)."""
+        opt = self.opt
+        for b in opt._buckets:
+            indices = [opt._order[k] for k in range(b.start, b.stop)]
+            entries = [state_by_index.get(i) or {} for i in indices]
+            for key in sorted(opt._STATE_KEYS):
+                present = [entry.get(key) is not None for entry in entries]
+                if any(present) and not all(present):
+                    missing = indices[present.index(False)]
+                    raise ValueError(f"parameter {missing} has no {key} where others of its flat buffer do; "
+                                     f"flat_buffers=True keeps the state of a buffer's parameters together")
+            steps = {float(entry["step"]) for entry in entries if entry.get("step") is not None}
+            if len(steps) > 1:
+                raise ValueError(f"parameters {indices[0]}..{indices[-1]} share a flat buffer but have different "
+                                 f"step counts {sorted(steps)}; flat_buffers=True steps a buffer as one")
