@@ -13,6 +13,10 @@ Cycle / boundary cases (one K-micro-batch optimizer cycle on a list of parameter
                   torch.optim.SGD(fused=True) resp. SGD(foreach=True).step(). The loss is
                   assumed divided by K (no extra scaling pass; gradfuse folds 1/K into its
                   update). Untimed setup restores the first gradient (clip scales it in place).
+  gradfuse_flat   the same FusedAccumSGD with flat_buffers=True: each micro-step adds the
+                  micro-batch's gradients into the .grad views of the flat buffer with one
+                  torch._foreach_add_ (what autograd's AccumulateGrad does in place, one add per
+                  tensor) and calls step(); zero_grad() (one memset) ends the timed cycle.
   "boundary" times only the last micro-step (its untimed setup runs micro-steps 1..K-1).
 
 Op cases (fp32, and bf16/fp16 on CUDA): accumulate_, accumulate_ with norm, global_norm, clipped_sgd_step_ vs
@@ -94,6 +98,9 @@ def cycle_benches(shapes, dtype, device, K, clip, n_sets, impls, boundary_only=F
 
             benches["gradfuse"] = Bench(gf_cycle, lambda i: sets[i].restore(), n_sets)
 
+    if "gradfuse_flat" in impls:
+        benches["gradfuse_flat"] = _flat_bench(shapes, dtype, device, K, max_norm, sets, boundary_only)
+
     for name in impls:
         if name not in TORCH_IMPLS:
             continue
@@ -141,6 +148,37 @@ def cycle_benches(shapes, dtype, device, K, clip, n_sets, impls, boundary_only=F
 
         benches[name] = make()
     return benches, sets
+
+
+def _flat_bench(shapes, dtype, device, K, max_norm, sets, boundary_only):
+    """gradfuse_flat's Bench: gradients added in place into the flat .grad views, as autograd would."""
+    from .timing import Bench
+    states = []
+    for _ in sets:
+        params = make_params(shapes, dtype, device)
+        opt = gradfuse.FusedAccumSGD(params, lr=LR, momentum=MOMENTUM, accumulation_steps=K, max_grad_norm=max_norm,
+                                     skip_nonfinite=max_norm is not None, flat_buffers=True)
+        states.append((opt, [p.grad for p in params]))
+
+    def micro(i, k):
+        opt, views = states[i]
+        torch._foreach_add_(views, sets[i].micro[k])
+        opt.step()
+
+    if boundary_only:
+        def setup(i):
+            states[i][0].zero_grad()
+            for k in range(K - 1):
+                micro(i, k)
+
+        return Bench(lambda i: micro(i, K - 1), setup, len(sets))
+
+    def cycle(i):
+        for k in range(K):
+            micro(i, k)
+        states[i][0].zero_grad()
+
+    return Bench(cycle, None, len(sets))
 
 
 OPS = ("accumulate", "accumulate_norm", "global_norm", "sgd_step")

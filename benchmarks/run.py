@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import adamw_cases, bytes_model, cases, clip_cases, host_overhead, report, training_cases, workloads
+from . import adamw_cases, bytes_model, cases, clip_cases, host_overhead, report, step_cases, training_cases, workloads
 from .ceiling import measure_ceiling
 from .machine import machine_info, machine_tag
 from .plot import plot_sweep
@@ -24,7 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Half-precision op rows (CUDA): GB/s of the norm, the accumulation with norm and the momentum update.
 HALF_OPS = (("global_norm", "bfloat16"), ("global_norm", "float16"), ("accumulate_norm", "bfloat16"),
             ("accumulate_norm", "float16"), ("sgd_step", "bfloat16"))
-CYCLE_IMPLS = ("gradfuse", "torch_fused", "torch_foreach")
+CYCLE_IMPLS = ("gradfuse", "gradfuse_flat", "torch_fused", "torch_foreach")
 
 
 def build_plan(device, quick):
@@ -41,6 +41,8 @@ def build_plan(device, quick):
             plan.append(dict(kind="op", workload="sweep", numel=n, dtype="float32", op=op))
     named = ("gpt2", "resnet50", "tiny2000")
     for wl in named:
+        if not (quick and wl == "gpt2"):  # the optimizer's share of a K=1 step, both storage modes
+            plan.append(dict(kind="step", workload=wl, dtype="float32", K=1, clip=True))
         for dtype in ("float32", "bfloat16"):
             if quick and (dtype != "float32"):
                 continue
@@ -93,6 +95,11 @@ def run_case(case, device, llc, tcfg, cuda_graphs, ceiling_gbps):
         n_sets = max(1, min(rotation_sets(touch, llc), budget // (n * 4 * 9)))
         benches, keep = cases.op_benches(case["op"], shapes, device, n_sets, cuda_graphs, dtype)
         per_param = bytes_model.op_bytes_per_param(case["op"], dtype)
+    elif case["kind"] == "step":
+        n_sets = max(1, min(rotation_sets(cases.footprint_bytes(shapes, dtype, 1), llc),
+                            budget // cases.memory_per_set(shapes, dtype, 1, len(CYCLE_IMPLS))))
+        benches, keep = step_cases.step_benches(shapes, dtype, device, n_sets, CYCLE_IMPLS)
+        per_param = bytes_model.cycle_bytes_per_param(dtype, 1)
     elif case["kind"] == "train":
         per_set = training_cases.bytes_per_set(shapes, dtype, case["K"], len(CYCLE_IMPLS))
         n_sets = max(1, min(rotation_sets(per_set, llc), budget // per_set))
@@ -121,9 +128,9 @@ def run_case(case, device, llc, tcfg, cuda_graphs, ceiling_gbps):
     if torch_names:
         best = min(torch_names, key=lambda k: row["results"][k]["timing"]["median_s"])
         row["torch_best"] = best
-        if "gradfuse" in row["results"]:
-            row["speedup"] = (row["results"][best]["timing"]["median_s"] /
-                              row["results"]["gradfuse"]["timing"]["median_s"])
+        for impl, key in (("gradfuse", "speedup"), ("gradfuse_flat", "speedup_flat")):
+            if impl in row["results"]:
+                row[key] = row["results"][best]["timing"]["median_s"] / row["results"][impl]["timing"]["median_s"]
     del benches, keep
     return row
 

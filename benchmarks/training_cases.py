@@ -7,6 +7,7 @@ its own gradient through AccumulateGrad, exactly as in a training loop:
 
   gradfuse   loss.backward(); opt.step(); opt.zero_grad()  after every micro-batch
              (FusedAccumSGD(accumulation_steps=K, max_grad_norm=1.0)).
+  gradfuse_flat  the same with flat_buffers=True (autograd adds into the flat .grad views).
   torch_*    (loss / K).backward() after every micro-batch (autograd adds into .grad, one
              in-place add per parameter), then clip_grad_norm_(foreach=True), SGD(fused=True
              resp. foreach=True).step(), zero_grad() once per cycle.
@@ -44,9 +45,9 @@ def training_benches(shapes, dtype, device, K, n_sets, impls):
         states = []
         for _ in range(n_sets):
             params = make_params(shapes, dtype, device)
-            if name == "gradfuse":
+            if name in ("gradfuse", "gradfuse_flat"):
                 opt = gradfuse.FusedAccumSGD(params, lr=LR, momentum=MOMENTUM, accumulation_steps=K,
-                                             max_grad_norm=MAX_NORM)
+                                             max_grad_norm=MAX_NORM, flat_buffers=name == "gradfuse_flat")
             elif name in TORCH_IMPLS:
                 kw = {"fused": True} if name == "torch_fused" else {"foreach": True}
                 opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **kw)
@@ -56,7 +57,7 @@ def training_benches(shapes, dtype, device, K, n_sets, impls):
         if not states:
             continue
         keep.append(states)
-        benches[name] = Bench(_gradfuse_cycle(states, data, K) if name == "gradfuse" else
+        benches[name] = Bench(_gradfuse_cycle(states, data, K) if name.startswith("gradfuse") else
                               _torch_cycle(states, data, K), None, n_sets)
     return benches, keep
 

@@ -73,7 +73,7 @@ def check_same_on_every_rank(tensors, what):
                 raise AssertionError(f"{what}: parameter {i} differs between rank {dist.get_rank()} and rank {r}")
 
 
-def ddp_no_sync(rank, ranks, use_no_sync, bucket_view):
+def ddp_no_sync(rank, ranks, use_no_sync, bucket_view, flat_buffers=False):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -86,7 +86,7 @@ def ddp_no_sync(rank, ranks, use_no_sync, bucket_view):
         reductions.append(bucket.index())
         return allreduce_hook(state, bucket)
     model.register_comm_hook(None, counting_hook)
-    opt = FusedAccumSGD(model.parameters(), **HYPER)
+    opt = FusedAccumSGD(model.parameters(), **HYPER, flat_buffers=flat_buffers)
     norms = []
     for batch in batches:
         x, y = rank_rows(batch, rank, ranks)
@@ -109,6 +109,26 @@ def ddp_no_sync(rank, ranks, use_no_sync, bucket_view):
     if len(reductions) != expected_reductions:
         raise AssertionError(f"{len(reductions)} bucket all-reduces for {CYCLES} cycles of {buckets} buckets; "
                              f"expected {expected_reductions}")
+
+
+def ddp_flat_bucket_view_refused(rank, ranks):
+    """DDP's gradient_as_bucket_view rebinds .grad to its buckets: flat_buffers=True must say so."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_model(), gradient_as_bucket_view=True)
+    opt = FusedAccumSGD(model.parameters(), **HYPER, flat_buffers=True)
+    x, y = rank_rows(micro_batches()[0], rank, ranks)
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.mse_loss(model(x), y).backward()
+    try:
+        opt.step()
+    except RuntimeError as error:
+        if "not its view of the flat gradient buffer" not in str(error):
+            raise
+    else:
+        raise AssertionError("flat_buffers=True under gradient_as_bucket_view=True was not refused")
+    if not all(torch.equal(p, b) for p, b in zip(model.parameters(), before)):
+        raise AssertionError("the refused step changed parameters")
 
 
 def fsdp2(rank, ranks, mesh_shape, sync_every_micro_batch, rule="sgd"):

@@ -61,10 +61,11 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_compiled_model_with_eager_step(device):
+@pytest.mark.parametrize("flat_buffers", [False, True], ids=["default", "flat_buffers"])
+def test_compiled_model_with_eager_step(device, flat_buffers):
     model = make_model(device)
     compiled = torch.compile(model, backend="aot_eager")
-    opt = FusedAccumSGD(model.parameters(), **HYPER)
+    opt = FusedAccumSGD(model.parameters(), **HYPER, flat_buffers=flat_buffers)
 
     def train_one(x):
         compiled(x).pow(2).mean().backward()
@@ -73,10 +74,11 @@ def test_compiled_model_with_eager_step(device):
     run_and_check(device, train_one, model, opt)
 
 
+@pytest.mark.parametrize("flat_buffers", [False, True], ids=["default", "flat_buffers"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_training_step_with_backward_step_and_zero_grad(device, backend):
+def test_compiled_training_step_with_backward_step_and_zero_grad(device, backend, flat_buffers):
     model = make_model(device)
-    opt = FusedAccumSGD(model.parameters(), **HYPER)
+    opt = FusedAccumSGD(model.parameters(), **HYPER, flat_buffers=flat_buffers)
 
     @torch.compile(backend=backend)
     def train_step(x):

@@ -42,6 +42,15 @@ def test_ddp_no_sync_one_all_reduce_per_cycle(backend, bucket_view):
     spawn(2, "ddp_no_sync", True, bucket_view, backend=backend)
 
 
+@pytest.mark.parametrize("use_no_sync", [True, False], ids=["no_sync", "sync_each"])
+def test_ddp_flat_buffers_match_single_process(use_no_sync):
+    spawn(2, "ddp_no_sync", use_no_sync, False, True)
+
+
+def test_ddp_flat_buffers_refuse_gradient_as_bucket_view():
+    spawn(2, "ddp_flat_bucket_view_refused")
+
+
 @pytest.mark.parametrize("growth_interval", [1000, 3], ids=["steady_scale", "scale_grows"])
 def test_ddp_no_sync_with_grad_scaler(growth_interval):
     spawn(2, "ddp_grad_scaler", growth_interval)
