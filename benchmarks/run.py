@@ -40,6 +40,7 @@ def build_plan(device, quick):
                 continue
             plan.append(dict(kind="op", workload="sweep", numel=n, dtype="float32", op=op))
     named = ("gpt2", "resnet50", "tiny2000")
+    plan.append(dict(kind="step", workload="tiny64", dtype="float32", K=1, clip=True))
     for wl in named:
         if not (quick and wl == "gpt2"):  # the optimizer's share of a K=1 step, both storage modes
             plan.append(dict(kind="step", workload=wl, dtype="float32", K=1, clip=True))

@@ -1,6 +1,8 @@
 // flat_buffers=True: every parameter and its .grad are views of one flat buffer per bucket. This
-// native class binds the gradients and checks, once per step and without Python work per tensor,
-// that the user's tensors still live there and which gradients autograd has added to.
+// native class binds the gradients and checks them at every micro-step, in one pass without
+// Python work per tensor: the parameters still live in the buffer, each gradient view was changed
+// at most by autograd's one in-place add per backward, and every parameter got a gradient in the
+// cycle. A .grad set to None (module.zero_grad()) with no backward since is bound again.
 #include "flat_binding.h"
 
 #include <torch/csrc/autograd/python_variable.h>
@@ -12,11 +14,12 @@
 namespace gradfuse {
 namespace {
 
+
 class FlatBinding {
  public:
   FlatBinding(std::vector<at::Tensor> params, std::vector<at::Tensor> param_views, std::vector<at::Tensor> grad_views)
       : params_(std::move(params)), param_views_(std::move(param_views)), grad_views_(std::move(grad_views)),
-        start_versions_(params_.size(), 0) {
+        last_versions_(params_.size(), 0), touched_(params_.size(), 0) {
     TORCH_CHECK_VALUE(param_views_.size() == params_.size() && grad_views_.size() == params_.size(),
                       "FlatBinding: ", params_.size(), " parameters, ", param_views_.size(), " parameter views and ",
                       grad_views_.size(), " gradient views");
@@ -29,54 +32,99 @@ class FlatBinding {
     }
   }
 
-  // (index, reason) of the first parameter that left its flat storage, or (-1, "").
-  std::pair<int64_t, std::string> check() const {
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& p = params_[i];
-      const at::Tensor& view = param_views_[i];
-      const char* reason = nullptr;
-      if (p.data_ptr() != view.data_ptr() || p.sizes() != view.sizes() || p.strides() != view.strides() ||
-          p.scalar_type() != view.scalar_type()) {
-        reason = "no longer lives in the optimizer's flat parameter buffer (was p.data rebound, or the module "
-                 "moved with .to() / .cuda() / .half()?)";
-      } else if (!p.requires_grad()) {
-        reason = "no longer requires grad; flat_buffers=True updates every parameter it holds each cycle";
-      } else if (p.unsafeGetTensorImpl()->grad().unsafeGetTensorImpl() != grad_views_[i].unsafeGetTensorImpl()) {
-        reason = p.unsafeGetTensorImpl()->grad().defined()
-                     ? "has a .grad that is not its view of the flat gradient buffer (replaced by someone else)"
-                     : "has no .grad: it was set to None (module.zero_grad() or zero_grad(set_to_none=True) of "
-                       "another object?), which drops the gradients summed so far";
+  // A cycle starts (or resumes): the current versions are the baseline, and only the parameters
+  // in `with_gradient` (restored from a checkpoint) have had a gradient in it.
+  void mark_cycle_start(const std::vector<int64_t>& with_gradient) {
+    for (size_t i = 0; i < grad_views_.size(); ++i) {
+      last_versions_[i] = version_of(grad_views_[i]);
+    }
+    std::fill(touched_.begin(), touched_.end(), 0);
+    for (int64_t i : with_gradient) {
+      TORCH_CHECK_INDEX(i >= 0 && static_cast<size_t>(i) < touched_.size(), "mark_cycle_start: slot ", i);
+      touched_[i] = 1;
+    }
+  }
+
+  // One micro-step's check, (index, reason) of the first problem or (-1, ""). Nothing changes
+  // unless all is well; then a .grad set to None (the view keeps the sum) is bound again.
+  // max_bumps: the version moves one backward may make (autograd's add, plus DDP's copy of the
+  // reduced sum). end_of_cycle: every parameter must have had a gradient; the next cycle starts.
+  std::pair<int64_t, std::string> check_micro_step(int64_t max_bumps, bool end_of_cycle) {
+    constexpr size_t kAhead = 8;  // cold metadata: fetch a few parameters ahead, overlapping the misses
+    const size_t n = params_.size();
+    unbound_.resize(n);
+    versions_.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) {
+        __builtin_prefetch(params_[i + kAhead].unsafeGetTensorImpl());
+        __builtin_prefetch(grad_views_[i + kAhead].unsafeGetTensorImpl());
       }
+      const char* reason = check_one(i, max_bumps, end_of_cycle);
       if (reason != nullptr) {
         return {static_cast<int64_t>(i), reason};
       }
     }
+    for (size_t i = 0; i < n; ++i) {  // all is well: rebind, and record this micro-step
+      if (unbound_[i]) {
+        params_[i].unsafeGetTensorImpl()->mutable_grad() = grad_views_[i];
+      }
+      touched_[i] |= versions_[i] != last_versions_[i];
+      last_versions_[i] = versions_[i];
+    }
+    if (end_of_cycle) {
+      std::fill(touched_.begin(), touched_.end(), 0);  // zeroing the buffer leaves the views' versions
+    }
     return {-1, std::string()};
   }
 
-  // Remembers every gradient view's version: a view whose version has not moved by the end of the
-  // cycle received no gradient in it (autograd's in-place add bumps it).
-  void mark_cycle_start() {
-    for (size_t i = 0; i < grad_views_.size(); ++i) {
-      start_versions_[i] = grad_views_[i].unsafeGetTensorImpl()->version_counter().current_version();
-    }
-  }
-
-  // Index of the first parameter whose gradient view was not written since mark_cycle_start(), or -1.
-  int64_t first_untouched() const {
-    for (size_t i = 0; i < grad_views_.size(); ++i) {
-      if (grad_views_[i].unsafeGetTensorImpl()->version_counter().current_version() == start_versions_[i]) {
-        return static_cast<int64_t>(i);
-      }
-    }
-    return -1;
-  }
-
  private:
+  static uint32_t version_of(const at::Tensor& t) {
+    return t.unsafeGetTensorImpl()->version_counter().current_version();
+  }
+
+  // Why parameter i cannot go on (nullptr when it can); fills unbound_[i] and versions_[i].
+  const char* check_one(size_t i, int64_t max_bumps, bool end_of_cycle) {
+    const at::Tensor& p = params_[i];
+    const at::Tensor& view = param_views_[i];
+    if (p.data_ptr() != view.data_ptr() || p.sizes() != view.sizes() || p.strides() != view.strides() ||
+        p.scalar_type() != view.scalar_type()) {
+      return "no longer lives in the optimizer's flat parameter buffer (was p.data rebound, or the module moved "
+             "with .to() / .cuda() / .half()?)";
+    }
+    if (!p.requires_grad()) {
+      return "no longer requires grad; flat_buffers=True updates every parameter it holds each cycle";
+    }
+    const at::Tensor& grad = p.unsafeGetTensorImpl()->grad();
+    const at::Tensor& grad_view = grad_views_[i];
+    versions_[i] = version_of(grad_view);
+    unbound_[i] = !grad.defined();
+    if (grad.defined() && grad.unsafeGetTensorImpl() != grad_view.unsafeGetTensorImpl()) {
+      // Autograd made a new .grad (it was None during backward), DDP bound its bucket view, or
+      // backward(create_graph=True) summed out of place: which of the micro-batches it holds is unknown.
+      return "has a .grad that is not its view of the flat gradient buffer (set to None by module.zero_grad() "
+             "before a backward without optimizer.zero_grad() after it, assigned, DDP's "
+             "gradient_as_bucket_view=True, or backward(create_graph=True)?)";
+    }
+    const int64_t bumps = static_cast<int64_t>(versions_[i] - last_versions_[i]);
+    if (bumps > max_bumps) {
+      return "had its .grad (the cycle's running sum) changed in place between micro-steps, beyond autograd's "
+             "add (module.zero_grad(set_to_none=False), or a framework's gradient clipping or unscaling?); clip "
+             "with max_grad_norm= and zero with optimizer.zero_grad()";
+    }
+    if (end_of_cycle && touched_[i] == 0 && bumps == 0) {
+      return "received no gradient in this accumulation cycle; flat_buffers=True updates every parameter every "
+             "cycle, where torch.optim skips one without gradient";
+    }
+    return nullptr;
+  }
+
   std::vector<at::Tensor> params_;
   std::vector<at::Tensor> param_views_;
   std::vector<at::Tensor> grad_views_;
-  std::vector<uint32_t> start_versions_;
+  std::vector<uint32_t> last_versions_;  // each view's version at the last check
+  std::vector<uint8_t> touched_;         // got a gradient since the cycle started
+  std::vector<uint8_t> unbound_;         // scratch of one check: .grad is None
+  std::vector<uint32_t> versions_;       // scratch of one check
 };
 
 }  // namespace
@@ -86,11 +134,11 @@ void bind_flat_binding(py::module& m) {
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(), py::arg("params"),
            py::arg("param_views"), py::arg("grad_views"))
       .def("bind_grads", &FlatBinding::bind_grads, "Sets every parameter's .grad to its gradient view")
-      .def("check", &FlatBinding::check,
-           "(index, reason) of the first parameter no longer bound to its flat storage, or (-1, '')")
-      .def("mark_cycle_start", &FlatBinding::mark_cycle_start, "Records every gradient view's version")
-      .def("first_untouched", &FlatBinding::first_untouched,
-           "Index of the first gradient view not written since mark_cycle_start(), or -1");
+      .def("mark_cycle_start", &FlatBinding::mark_cycle_start, py::arg("with_gradient"),
+           "Records every gradient view's version as a cycle's start; the slots in with_gradient have had one")
+      .def("check_micro_step", &FlatBinding::check_micro_step, py::arg("max_bumps"), py::arg("end_of_cycle"),
+           "(index, reason) of the first parameter that cannot go on, or (-1, '') after rebinding gradients set "
+           "to None or replaced and recording the micro-step");
 }
 
 }  // namespace gradfuse

@@ -211,10 +211,13 @@ class FusedAccumOptimizer(Optimizer):
         """As Optimizer.zero_grad; a gradient adopted as this cycle's accumulator is replaced
         by a fresh zero tensor instead of being zeroed in place (set_to_none=False). With
         flat_buffers=True the flat gradient buffers are zeroed in place when a cycle starts
-        (micro_step == 0), and nothing happens mid-cycle: .grad holds the running sum."""
+        (micro_step == 0) and kept mid-cycle (.grad holds the running sum); either way every .grad
+        is bound to its view again (after a module.zero_grad())."""
         if self._flat is not None:
             if self._micro_step == 0:
                 self._flat.zero_grads()
+            else:
+                self._flat.binding.bind_grads()  # mid-cycle the views keep the running sum
             return
         if set_to_none:
             self._inspector.clear_grads()  # one native loop: cheap for thousands of tensors
@@ -345,20 +348,22 @@ class FusedAccumOptimizer(Optimizer):
         return loss
 
     def _step_flat(self):
-        """flat_buffers=True: autograd has added the micro-batch into the flat gradient buffers;
-        only the cycle's last micro-step has work: one norm and one update call per bucket."""
+        """flat_buffers=True: autograd has added the micro-batch into the flat gradient buffers; a
+        micro-step is one native check of the bindings, and the cycle's last one adds one norm and
+        one update call per bucket."""
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             raise RuntimeError(f"{self._name}: flat_buffers=True cannot be used with GradScaler: autograd sums the "
                                f"micro-batches' scaled gradients in place, so a scale change mid-cycle could not be "
                                f"undone; use flat_buffers=False, or bfloat16 autocast (which needs no scaler)")
-        self._flat.check()
         if self._micro_step == 0 and self._flat.dirty:
             raise RuntimeError(f"{self._name}: the gradient buffers still hold the last cycle's sum; with "
-                               f"flat_buffers=True call optimizer.zero_grad() after the step that ends a cycle")
-        if self._micro_step + 1 < self.accumulation_steps:
+                               f"flat_buffers=True call optimizer.zero_grad() after the step that ends a cycle "
+                               f"(module.zero_grad() does not reset the optimizer's flat buffers)")
+        boundary = self._micro_step + 1 == self.accumulation_steps
+        self._flat.check_micro_step(boundary, 2 if _distributed() else 1)
+        if not boundary:
             self._micro_step += 1
             return
-        self._flat.check_every_gradient_arrived()
         if self._needs_norm():
             for bi, b in enumerate(self._buckets):
                 direct_ops.accumulate_norm_(self._norm_state(b.device, b.domain), [self._flat.grads[bi]],

@@ -90,36 +90,29 @@ class FlatStorage:
             p.data = view
         self.binding = FlatBinding(opt._sorted, param_views, grad_views)
         self.binding.bind_grads()
-        self.binding.mark_cycle_start()
+        self.binding.mark_cycle_start([])
 
     # ------------------------------------------------------------------ gradients
-    def check(self):
-        """Raises unless every parameter and .grad is still its view of the flat buffers."""
-        bad, reason = self.binding.check()
+    def check_micro_step(self, end_of_cycle, max_bumps):
+        """Every micro-step, before anything changes: every parameter still lives in its flat
+        buffer, each .grad view changed at most by max_bumps in-place writes (autograd's add, and
+        DDP's copy of the reduced sum), and at the cycle's end every parameter got a gradient in it
+        (a zero one would still be decayed and pushed by momentum, where torch.optim skips it). A
+        .grad set to None (module.zero_grad()) with no backward since is bound to its view again."""
+        bad, reason = self.binding.check_micro_step(max_bumps, end_of_cycle)
         if bad >= 0:
             opt = self.opt
             raise RuntimeError(f"{opt._name}: {opt._describe(opt._order[bad])} {reason}. With flat_buffers=True "
-                               f"parameters and gradients must stay views of the optimizer's flat buffers: zero "
-                               f"gradients with optimizer.zero_grad(), and build the optimizer after moving or "
-                               f"casting the model.")
-
-    def check_every_gradient_arrived(self):
-        """At the end of a cycle: every parameter got a gradient in it (a zero one would still be
-        decayed and pushed by momentum, where torch.optim skips a parameter without gradient)."""
-        k = self.binding.first_untouched()
-        if k >= 0:
-            opt = self.opt
-            raise RuntimeError(f"{opt._name}: {opt._describe(opt._order[k])} received no gradient in this "
-                               f"accumulation cycle; flat_buffers=True updates every parameter every cycle, "
-                               f"where torch.optim skips one without gradient. Use flat_buffers=False for "
-                               f"models whose parameters can go without gradients.")
+                               f"parameters stay views of the optimizer's flat buffers (build the optimizer after "
+                               f"moving or casting the model), .grad holds the running sum (zero it with "
+                               f"optimizer.zero_grad()), and every parameter gets a gradient each cycle (else use "
+                               f"flat_buffers=False).")
 
     def zero_grads(self):
-        """A new cycle: the gradient buffers zeroed in place, gradients rebound, versions recorded."""
+        """A new cycle: the gradient buffers zeroed in place (the views' versions do not move)."""
         for grad in self.grads:
             grad.zero_()
-        self.binding.bind_grads()
-        self.binding.mark_cycle_start()
+        self.binding.bind_grads()  # after a module.zero_grad(), the coming backward adds into the views
         self.dirty = False
 
     def grad_views(self):
@@ -131,7 +124,8 @@ class FlatStorage:
         """A saved cycle back in the buffers: sums maps slot -> raw running sum."""
         self.zero_grads()
         for k, total in sums.items():
-            self.opt._sorted[k].grad.copy_(total)  # bumps the view's version: it had gradients
+            self.opt._sorted[k].grad.copy_(total)
+        self.binding.mark_cycle_start(sorted(sums))
 
     # ------------------------------------------------------------------ optimizer state
     def state_tensors(self, bi, keys):

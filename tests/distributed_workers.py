@@ -117,11 +117,13 @@ def ddp_flat_bucket_view_refused(rank, ranks):
 
     model = DDP(make_model(), gradient_as_bucket_view=True)
     opt = FusedAccumSGD(model.parameters(), **HYPER, flat_buffers=True)
-    x, y = rank_rows(micro_batches()[0], rank, ranks)
     before = [p.detach().clone() for p in model.parameters()]
-    nn.functional.mse_loss(model(x), y).backward()
     try:
-        opt.step()
+        for batch in micro_batches()[:K]:  # refused at the cycle's end, before the update
+            x, y = rank_rows(batch, rank, ranks)
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
     except RuntimeError as error:
         if "not its view of the flat gradient buffer" not in str(error):
             raise

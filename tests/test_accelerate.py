@@ -77,6 +77,18 @@ def test_accelerate_matches_plain_loop(gen, k):
     assert not torch.equal(model[0].weight, net[0].weight), "training did not move the weights"
 
 
+def test_accelerate_flat_buffers_matches_plain_loop_and_default_mode(gen):
+    net, data = make_problem(gen)
+    kwargs = dict(OPT, accumulation_steps=3, flat_buffers=True)
+    model, opt = train(net, data, kwargs)
+    ref, _ = plain_loop(net, data, kwargs)
+    assert_same_params(model, ref, "Accelerate, flat_buffers=True")
+    default, _ = plain_loop(net, data, dict(OPT, accumulation_steps=3))
+    for p, q in zip(model.parameters(), default.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    assert not torch.equal(model[0].weight, net[0].weight), "training did not move the weights"
+
+
 def test_accelerate_gradient_accumulation_steps_with_k1(gen):
     # Accelerate's N with accumulation_steps=1: one update per N batches whose gradient is
     # Accelerate's mean of the N, clipped by gradfuse; bitwise the plain loop's.

@@ -249,9 +249,10 @@ def _assert_unchanged(params, opt, snap):
 
 
 @pytest.mark.parametrize("misuse, message", [
-    ("module_zero_grad", "has no .grad"),
+    ("none_then_backward", "not its view of the flat gradient buffer"),
     ("rebind_data", "no longer lives in the optimizer's flat parameter buffer"),
     ("replace_grad", "not its view of the flat gradient buffer"),
+    ("zero_in_place", "changed in place between micro-steps"),
     ("freeze", "no longer requires grad"),
     ("no_gradient", "received no gradient in this accumulation cycle"),
 ])
@@ -261,20 +262,46 @@ def test_flat_misuse_raises_before_anything_changes(misuse, message):
     live = [p for i, p in enumerate(params) if not (misuse == "no_gradient" and i == 3)]
     _backward(live, [randn(p.shape, p.dtype, "cpu", gen) for p in live])
     opt.step()
-    if misuse == "module_zero_grad":
+    if misuse == "none_then_backward":  # module.zero_grad() without optimizer.zero_grad(): autograd makes a new .grad
         params[3].grad = None
+    elif misuse == "zero_in_place":  # module.zero_grad(set_to_none=False) mid-cycle: the running sum is lost
+        params[3].grad.zero_()
     elif misuse == "rebind_data":
         params[3].data = params[3].detach().clone()
     elif misuse == "replace_grad":
         params[3].grad = params[3].grad.clone()
     elif misuse == "freeze":
         params[3].requires_grad_(False)
-    if misuse not in ("module_zero_grad", "replace_grad", "freeze"):
+    if misuse not in ("replace_grad", "freeze"):
         _backward(live, [randn(p.shape, p.dtype, "cpu", gen) for p in live])
     snap = _snapshot(params, opt)
     with pytest.raises(RuntimeError, match=message):
         opt.step()
     _assert_unchanged(params, opt, snap)
+
+
+@pytest.mark.parametrize("when", ["mid_cycle", "cycle_start"])
+def test_flat_module_zero_grad_then_optimizer_zero_grad_keeps_the_sum(when):
+    """module.zero_grad() drops the .grad views (the buffer keeps the sum); optimizer.zero_grad()
+    binds them again, so the next backward adds into the buffer: as if neither had been called."""
+    gen = generator(seed_of(f"flat-rebind-{when}"))
+    k = 3
+    results = []
+    for interfere in (False, True):
+        params = _params(torch.float32, "cpu", generator(seed_of("flat-rebind-params")))
+        opt = _flat_sgd(params, accumulation_steps=k, max_grad_norm=0.05)
+        data = generator(seed_of(f"flat-rebind-data-{when}"))
+        for t in range(2 * k):
+            if interfere and (t % k == 1 if when == "mid_cycle" else t % k == 0):
+                for p in params:
+                    p.grad = None  # module.zero_grad()
+                opt.zero_grad()
+            _backward(params, [randn(p.shape, p.dtype, "cpu", data) for p in params])
+            opt.step()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in params] + [opt.last_grad_norm])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_flat_step_after_a_cycle_without_zero_grad_raises():

@@ -90,6 +90,18 @@ def test_lightning_matches_plain_loop(gen, k, epochs):
     assert trainer.global_step == BATCHES * epochs
 
 
+def test_lightning_flat_buffers_matches_plain_loop_and_default_mode(gen):
+    net, data = make_problem(gen)
+    kwargs = dict(OPT, accumulation_steps=3, flat_buffers=True)
+    module, _ = fit(net, data, kwargs)
+    ref, _ = plain_loop(net, data, kwargs)
+    assert_same_params(module.net, ref, "Lightning, flat_buffers=True")
+    default, _ = plain_loop(net, data, dict(OPT, accumulation_steps=3))
+    for p, q in zip(module.net.parameters(), default.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    assert not torch.equal(module.net[0].weight, net[0].weight), "training did not move the weights"
+
+
 def test_lightning_accumulate_grad_batches_with_k1(gen):
     # accumulate_grad_batches=N with accumulation_steps=1: one update per N batches whose
     # gradient is Lightning's mean of the N, clipped by gradfuse; bitwise the plain loop's.
