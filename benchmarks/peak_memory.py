@@ -1,12 +1,15 @@
 """Peak memory of an open accumulation cycle: torch's loop (autograd adds into .grad), gradfuse's
-default mode (accumulators + each micro-batch's .grad) and accumulate_in_backward=True
-(accumulators + about one layer's gradient).
+default mode (accumulators + each micro-batch's .grad), accumulate_in_backward=True
+(accumulators + about one layer's gradient) and flat_buffers=True (autograd adds into the flat
+gradient buffer, which exists from construction on, like a .grad that is never freed).
 
     python -m benchmarks.peak_memory --device cpu|cuda [--layers 8 --width 2048 --k 4]
 
-Each mode runs in its own process. On CPU the peak is the process's maximum resident set
-(ru_maxrss) minus the resident set once the model and data exist; on CUDA torch's
-max_memory_allocated minus the allocation at that point. Momentum-free SGD, so the optimizer
+Each mode runs in its own process. The baseline is taken once the model and data exist, before
+the optimizer is built; the peak counts from after the optimizer is built (flat_buffers=True
+copies the parameters then, a one-time transient that is not part of a cycle). On CPU the peak is
+the process's high-water resident set (VmHWM, reset through /proc/self/clear_refs) minus the
+baseline; on CUDA torch's max_memory_allocated (reset) minus the baseline. Momentum-free SGD, so the optimizer
 holds nothing but its accumulators. glibc's mmap threshold is fixed for the measured processes:
 its default moves up after a large free, after which freed tensors stay resident in the heap and
 the resident set no longer tracks live memory."""
@@ -17,12 +20,23 @@ import resource
 import subprocess
 import sys
 
-MODES = ("torch", "gradfuse", "gradfuse_backward")
+MODES = ("torch", "gradfuse", "gradfuse_backward", "gradfuse_flat")
 
 
 def resident_bytes():
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def reset_high_water():
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # resets VmHWM to the current resident set
+
+
+def high_water_bytes():
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def measure_mode(mode, device, layers, width, k):
@@ -35,17 +49,22 @@ def measure_mode(mode, device, layers, width, k):
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)]).to(device)
     x = torch.randn(8, width, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resident_bytes()
     if mode == "torch":
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     else:
         opt = gradfuse.FusedAccumSGD(model.parameters(), lr=1e-3, accumulation_steps=k, max_grad_norm=1.0,
-                                     accumulate_in_backward=mode == "gradfuse_backward")
+                                     accumulate_in_backward=mode == "gradfuse_backward",
+                                     flat_buffers=mode == "gradfuse_flat")
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     else:
-        base = resident_bytes()
+        reset_high_water()
     for step in range(2 * k):
         (model(x).square().mean() / (k if mode == "torch" else 1)).backward()
         if mode == "torch":
@@ -59,7 +78,7 @@ def measure_mode(mode, device, layers, width, k):
     if device == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return high_water_bytes() - base
 
 
 def run_all(device, layers, width, k):

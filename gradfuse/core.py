@@ -585,13 +585,11 @@ class FusedAccumOptimizer(Optimizer):
     def _update(self, bi, slots, total, norm_on):
         """One fused update call of the rule over the given slots of bucket bi."""
         b = self._buckets[bi]
-        params = self._kernel_params(slots)
         if self._flat is not None:  # the whole bucket as one tensor
             params, accs = [self._flat.params[bi]], [self._flat.grads[bi]]
-        elif isinstance(slots, range):
-            accs = self._accs[slots.start:slots.stop]
         else:
-            accs = [self._accs[k] for k in slots]
+            params = self._kernel_params(slots)
+            accs = self._accs[slots.start:slots.stop] if isinstance(slots, range) else [self._accs[k] for k in slots]
         group = self.param_groups[b.group_index]
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and lr.device != b.device:
@@ -650,7 +648,7 @@ class FusedAccumOptimizer(Optimizer):
     def _saved_accumulators(self):
         """Raw running sums by slot, as a checkpoint stores them (flat_buffers: the .grad views)."""
         if self._flat is not None:
-            views = self._flat.grad_views() if self._micro_step > 0 else []
+            views = self._flat.grad_views if self._micro_step > 0 else []
             return {k: view.clone() for k, view in enumerate(views)}
         return {k: self._saved_accumulator(k) for k, acc in enumerate(self._accs) if acc is not None}
 

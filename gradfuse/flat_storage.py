@@ -88,6 +88,7 @@ class FlatStorage:
             self.offsets.append(offsets)
         for p, view in zip(opt._sorted, param_views):  # nothing below can fail: rebind the user's tensors
             p.data = view
+        self.grad_views = grad_views  # each slot's .grad: the running sum of the cycle
         self.binding = FlatBinding(opt._sorted, param_views, grad_views)
         self.binding.bind_grads()
         self.binding.mark_cycle_start([])
@@ -115,16 +116,12 @@ class FlatStorage:
         self.binding.bind_grads()  # after a module.zero_grad(), the coming backward adds into the views
         self.dirty = False
 
-    def grad_views(self):
-        """Each slot's .grad view (the running sum of the cycle), in slot order."""
-        return [p.grad for p in self.opt._sorted]
-
     @torch.no_grad()
     def restore(self, sums):
         """A saved cycle back in the buffers: sums maps slot -> raw running sum."""
         self.zero_grads()
         for k, total in sums.items():
-            self.opt._sorted[k].grad.copy_(total)
+            self.grad_views[k].copy_(total)
         self.binding.mark_cycle_start(sorted(sums))
 
     # ------------------------------------------------------------------ optimizer state

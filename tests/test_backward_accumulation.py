@@ -84,3 +84,6 @@ def test_peak_memory_of_an_open_cycle_is_lower(device_name):
     # Default: accumulators + every .grad of the last micro-batch; in backward: + about one layer's.
     assert peaks["gradfuse_backward"] <= peaks["gradfuse"] - 0.4 * param_bytes, peaks
     assert peaks["gradfuse_backward"] <= peaks["torch"] + 0.2 * param_bytes, peaks
+    # flat_buffers=True: autograd adds into the flat gradient buffer in place, as torch's loop into .grad.
+    assert peaks["gradfuse_flat"] <= peaks["gradfuse"] - 0.4 * param_bytes, peaks
+    assert peaks["gradfuse_flat"] <= peaks["torch"] + 0.2 * param_bytes, peaks

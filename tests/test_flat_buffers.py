@@ -339,3 +339,27 @@ def test_flat_refuses_grad_scaler():
     with pytest.raises(RuntimeError, match="cannot be used with GradScaler"):
         scaler.step(opt)
     _assert_unchanged(params, opt, snap)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_flat_adamw_matches_float64_reference_on_edge_shapes(device, dtype, norm_type):
+    from test_adamw_optimizer import HYPER, CycleReference
+    gen = generator(seed_of(f"flat-adamw-{device}-{dtype}-{norm_type}"))
+    params = _params(dtype, device, gen)
+    k, max_norm = 3, 0.2
+    reference = CycleReference(params, k, max_norm, norm_type, HYPER)
+    opt = FusedAccumAdamW(params, accumulation_steps=k, max_grad_norm=max_norm, norm_type=norm_type,
+                          flat_buffers=True, **HYPER)
+    for _ in range(3 * k):
+        grads = [randn(p.shape, dtype, device, gen) for p in params]
+        _backward(params, grads)
+        opt.step()
+        opt.zero_grad()
+        reference.step(grads)
+    for i, (p, want) in enumerate(zip(params, reference.params)):
+        assert_close(p, want, dtype, f"parameter {i}")
+        assert float(opt.state[p]["step"]) == reference.state[i][2] == 3
+        assert_close(opt.state[p]["exp_avg"], reference.state[i][0], dtype, f"exp_avg {i}")
+        assert_close(opt.state[p]["exp_avg_sq"], reference.state[i][1], dtype, f"exp_avg_sq {i}")
