@@ -24,7 +24,8 @@ using DoubleVec = at::vec::Vectorized<double>;
 // The 2-norm's summation order: within one add_block call, element j of every full run of
 // kNormLanes values is added to float64 lane j; the remaining values go, in order, to a tail
 // sum; total() = tail + lane 0 + ... + lane 31. 32 lanes give 4 (AVX-512) or 8 (AVX2) independent
-// add chains, enough to hide the add latency behind the loads.
+// add chains, enough to hide the add latency behind the loads. Where a lane sits in the vectors
+// depends on the storage type (see lane_slot); which elements it sums, and in what order, does not.
 constexpr int64_t kNormLanes = 32;
 constexpr int kNormVecs = static_cast<int>(kNormLanes / DoubleVec::size());
 static_assert(kNormVecs % 2 == 0, "lanes are filled two vectors (one float vector) at a time");
@@ -39,7 +40,26 @@ static_assert(kNormBlock % kNormLanes == 0, "blocks must not split a run of lane
 // on a 2-thread Xeon VM, 84% of x.sum()'s bandwidth without, 100% with (2 KB ahead, 512 B to 4 KB alike).
 constexpr int64_t kPrefetchBytes = 2048;
 
-// 2 * DoubleVec::size() consecutive values of storage type T, widened exactly to float64.
+// bfloat16 is widened as pairs read as 32-bit words (the odd element is the high half, already a
+// float32; the even one is the low half shifted up): no zero-extending shuffle, but the vectors then
+// hold even elements in `low` and odd ones in `high`.
+template <typename T>
+constexpr bool kEvenOddLanes = std::is_same_v<T, c10::BFloat16>;
+
+// Where logical lane j of storage type T sits in the accumulator's vectors (as stored to memory).
+template <typename T>
+constexpr int64_t lane_slot(int64_t j) {
+  if constexpr (kEvenOddLanes<T>) {
+    constexpr int64_t kWidth = DoubleVec::size();
+    const int64_t pair = j % (2 * kWidth);
+    return j - pair + (pair % 2) * kWidth + pair / 2;
+  } else {
+    return j;
+  }
+}
+
+// 2 * DoubleVec::size() consecutive values of storage type T, widened exactly to float64: the
+// first half to `low`, the second to `high` (bfloat16: even-indexed to `low`, odd to `high`).
 template <typename T>
 inline void load_widened(const T* data, DoubleVec& low, DoubleVec& high) {
   constexpr bool kHalf = std::is_same_v<T, c10::Half>;
@@ -54,10 +74,9 @@ inline void load_widened(const T* data, DoubleVec& low, DoubleVec& high) {
     first = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(data)));
     second = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(data + 8)));
   } else if constexpr (kBFloat16) {  // bfloat16 is the top half of a float32
-    first = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(data))), 16));
-    second = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(data + 8))), 16));
+    const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data));
+    first = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+    second = _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   } else {
     first = _mm256_loadu_ps(data);
     second = _mm256_loadu_ps(data + 8);
@@ -68,17 +87,19 @@ inline void load_widened(const T* data, DoubleVec& low, DoubleVec& high) {
   if constexpr (std::is_same_v<T, float>) {  // conversions straight from memory: no shuffle
     low = DoubleVec(_mm256_cvtps_pd(_mm_loadu_ps(data)));
     high = DoubleVec(_mm256_cvtps_pd(_mm_loadu_ps(data + 4)));
+  } else if constexpr (kBFloat16) {  // 128-bit halves convert without an extract
+    const __m128i words = _mm_loadu_si128(reinterpret_cast<const __m128i*>(data));
+    low = DoubleVec(_mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(words, 16))));
+    high = DoubleVec(_mm256_cvtps_pd(_mm_castsi128_ps(_mm_and_si128(words, _mm_set1_epi32(static_cast<int>(0xFFFF0000u))))));
   } else {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(data));
-    const __m256 values = kHalf ? _mm256_cvtph_ps(raw)
-                                : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    const __m256 values = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(data)));
     low = DoubleVec(_mm256_cvtps_pd(_mm256_castps256_ps128(values)));
     high = DoubleVec(_mm256_cvtps_pd(_mm256_extractf128_ps(values, 1)));
   }
 #else
   double wide[2 * DoubleVec::size()];
   for (int i = 0; i < 2 * DoubleVec::size(); ++i) {
-    wide[i] = static_cast<double>(static_cast<float>(data[i]));
+    wide[lane_slot<T>(i)] = static_cast<double>(static_cast<float>(data[i]));
   }
   low = DoubleVec::loadu(wide);
   high = DoubleVec::loadu(wide + DoubleVec::size());
@@ -88,7 +109,8 @@ inline void load_widened(const T* data, DoubleVec& low, DoubleVec& high) {
 // Norm of blocks of stored values, every square and sum in float64: a float64 result whatever the
 // storage type (fp64 parameters next to fp32 ones must not see a float-rounded norm), and
 // 1e30-sized float32 values square without overflow.
-template <bool kInfNorm>
+// T: the one storage type fed to add_block, which fixes where each lane sits (lane_slot).
+template <typename T, bool kInfNorm>
 struct NormAccumulator {
   DoubleVec lanes[kNormVecs];
   double tail = 0.0;
@@ -100,7 +122,7 @@ struct NormAccumulator {
   }
 
   // kStreaming: data comes from memory, not from L1 (see kPrefetchBytes).
-  template <bool kStreaming = false, typename T>
+  template <bool kStreaming = false>
   inline void add_block(const T* data, int64_t n) {
     constexpr int64_t kWidth = DoubleVec::size();
     constexpr int64_t kLineElements = 64 / sizeof(T);
@@ -124,8 +146,8 @@ struct NormAccumulator {
         } else {
           load_widened(data + i + k * kWidth, low, high);
         }
-        acc[k] = combine<T>(acc[k], low);
-        acc[k + 1] = combine<T>(acc[k + 1], high);
+        acc[k] = combine(acc[k], low);
+        acc[k + 1] = combine(acc[k + 1], high);
       }
     }
     for (int k = 0; k < kNormVecs; ++k) {
@@ -143,14 +165,13 @@ struct NormAccumulator {
       lanes[k].store(values + k * DoubleVec::size());
     }
     double sum = tail;
-    for (double value : values) {
-      sum = norm_merge(sum, value, kInfNorm);
+    for (int64_t j = 0; j < kNormLanes; ++j) {
+      sum = norm_merge(sum, values[lane_slot<T>(j)], kInfNorm);
     }
     return sum;
   }
 
  private:
-  template <typename T>
   static inline DoubleVec combine(const DoubleVec& running, const DoubleVec& x) {
     if constexpr (kInfNorm) {
       return at::vec::maximum(running, x.abs());  // propagates NaN, like norm_combine

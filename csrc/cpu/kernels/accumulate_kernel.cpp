@@ -42,7 +42,7 @@ double accumulate_chunk_typed(const AccumulateArgs& args, int64_t chunk) {
   return GRADFUSE_BOOL_SWITCH(args.first, kFirst, [&] {
     return GRADFUSE_BOOL_SWITCH(args.with_norm, kWithNorm, [&] {
       return GRADFUSE_BOOL_SWITCH(args.inf_norm, kInfNorm, [&] {
-        NormAccumulator<kInfNorm> norm;
+        NormAccumulator<acc_t, kInfNorm> norm;
         for_each_segment(args.layout, chunk, [&](int64_t t, int64_t begin, int64_t end) {
           accumulate_segment<acc_t, grad_t, kFirst, kWithNorm>(static_cast<acc_t*>(args.accs[t]) + begin,
                                                                static_cast<const grad_t*>(args.grads[t]) + begin,

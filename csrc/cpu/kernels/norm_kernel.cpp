@@ -11,7 +11,7 @@ namespace {
 
 template <typename T, bool kInfNorm>
 double norm_chunk_typed(const NormArgs& args, int64_t chunk) {
-  NormAccumulator<kInfNorm> norm;
+  NormAccumulator<T, kInfNorm> norm;
   for_each_segment(args.layout, chunk, [&](int64_t t, int64_t begin, int64_t end) {
     norm.template add_block</*kStreaming=*/true>(static_cast<const T*>(args.tensors[t]) + begin, end - begin);
   });
