@@ -25,10 +25,18 @@ class FlatBinding {
                       grad_views_.size(), " gradient views");
   }
 
-  // p.grad = its view of the flat gradient buffer, for every parameter.
-  void bind_grads() const {
+  // p.grad = its view of the flat gradient buffer, for every parameter; new_cycle: the buffer was
+  // just zeroed, so no parameter has had a gradient yet (the views' versions did not move).
+  void bind_grads(bool new_cycle) {
     for (size_t i = 0; i < params_.size(); ++i) {
-      params_[i].unsafeGetTensorImpl()->mutable_grad() = grad_views_[i];
+      prefetch_metadata(i + kAhead);
+      at::Tensor& grad = params_[i].unsafeGetTensorImpl()->mutable_grad();
+      if (grad.unsafeGetTensorImpl() != grad_views_[i].unsafeGetTensorImpl()) {  // a read is cheaper than a write
+        grad = grad_views_[i];
+      }
+    }
+    if (new_cycle) {
+      std::fill(touched_.begin(), touched_.end(), 0);
     }
   }
 
@@ -50,15 +58,11 @@ class FlatBinding {
   // max_bumps: the version moves one backward may make (autograd's add, plus DDP's copy of the
   // reduced sum). end_of_cycle: every parameter must have had a gradient; the next cycle starts.
   std::pair<int64_t, std::string> check_micro_step(int64_t max_bumps, bool end_of_cycle) {
-    constexpr size_t kAhead = 8;  // cold metadata: fetch a few parameters ahead, overlapping the misses
     const size_t n = params_.size();
     unbound_.resize(n);
     versions_.resize(n);
     for (size_t i = 0; i < n; ++i) {
-      if (i + kAhead < n) {
-        __builtin_prefetch(params_[i + kAhead].unsafeGetTensorImpl());
-        __builtin_prefetch(grad_views_[i + kAhead].unsafeGetTensorImpl());
-      }
+      prefetch_metadata(i + kAhead);
       const char* reason = check_one(i, max_bumps, end_of_cycle);
       if (reason != nullptr) {
         return {static_cast<int64_t>(i), reason};
@@ -78,6 +82,21 @@ class FlatBinding {
   }
 
  private:
+  static constexpr size_t kAhead = 8;  // parameters ahead whose metadata is fetched (cold after a backward)
+
+  // Starts loading what the checks of parameter i read: two levels, since the autograd metadata and
+  // the storage are found through the tensor, which was requested kAhead parameters earlier.
+  void prefetch_metadata(size_t i) const {
+    if (i + kAhead < params_.size()) {
+      __builtin_prefetch(params_[i + kAhead].unsafeGetTensorImpl());
+      __builtin_prefetch(param_views_[i + kAhead].unsafeGetTensorImpl());
+      __builtin_prefetch(grad_views_[i + kAhead].unsafeGetTensorImpl());
+    }
+    if (i < params_.size()) {
+      __builtin_prefetch(params_[i].unsafeGetTensorImpl()->autograd_meta());
+    }
+  }
+
   static uint32_t version_of(const at::Tensor& t) {
     return t.unsafeGetTensorImpl()->version_counter().current_version();
   }
@@ -85,9 +104,12 @@ class FlatBinding {
   // Why parameter i cannot go on (nullptr when it can); fills unbound_[i] and versions_[i].
   const char* check_one(size_t i, int64_t max_bumps, bool end_of_cycle) {
     const at::Tensor& p = params_[i];
-    const at::Tensor& view = param_views_[i];
-    if (p.data_ptr() != view.data_ptr() || p.sizes() != view.sizes() || p.strides() != view.strides() ||
-        p.scalar_type() != view.scalar_type()) {
+    const c10::TensorImpl* impl = p.unsafeGetTensorImpl();
+    const c10::TensorImpl* view = param_views_[i].unsafeGetTensorImpl();
+    // The storage objects and offsets, not data_ptr(): that would also read each storage's own line.
+    if (impl->unsafe_storage().unsafeGetStorageImpl() != view->unsafe_storage().unsafeGetStorageImpl() ||
+        impl->storage_offset() != view->storage_offset() || impl->sizes() != view->sizes() ||
+        impl->strides() != view->strides() || impl->dtype() != view->dtype()) {
       return "no longer lives in the optimizer's flat parameter buffer (was p.data rebound, or the module moved "
              "with .to() / .cuda() / .half()?)";
     }
@@ -133,7 +155,8 @@ void bind_flat_binding(py::module& m) {
   py::class_<FlatBinding>(m, "FlatBinding")
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(), py::arg("params"),
            py::arg("param_views"), py::arg("grad_views"))
-      .def("bind_grads", &FlatBinding::bind_grads, "Sets every parameter's .grad to its gradient view")
+      .def("bind_grads", &FlatBinding::bind_grads, py::arg("new_cycle"),
+           "Sets every parameter's .grad to its gradient view; new_cycle: no parameter has had a gradient yet")
       .def("mark_cycle_start", &FlatBinding::mark_cycle_start, py::arg("with_gradient"),
            "Records every gradient view's version as a cycle's start; the slots in with_gradient have had one")
       .def("check_micro_step", &FlatBinding::check_micro_step, py::arg("max_bumps"), py::arg("end_of_cycle"),

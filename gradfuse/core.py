@@ -178,7 +178,7 @@ class FusedAccumOptimizer(Optimizer):
         if self._backward is not None:
             self._backward.attach()  # hooks know their slot: new layout, new hooks
         if getattr(self, "_flat", None) is not None:
-            self._flat = FlatStorage(self)  # new buckets, new buffers (values, sums and state carried over)
+            self._flat = FlatStorage(self, self._flat)  # new buckets, new buffers (values, sums, state carried)
 
     def _remap_slot_state(self):
         """Re-aligns the per-slot state lists with a (possibly new) slot order."""
@@ -217,7 +217,7 @@ class FusedAccumOptimizer(Optimizer):
             if self._micro_step == 0:
                 self._flat.zero_grads()
             else:
-                self._flat.binding.bind_grads()  # mid-cycle the views keep the running sum
+                self._flat.binding.bind_grads(False)  # mid-cycle the views keep the running sum
             return
         if set_to_none:
             self._inspector.clear_grads()  # one native loop: cheap for thousands of tensors

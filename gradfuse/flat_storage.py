@@ -56,19 +56,20 @@ def _view(flat, offset, like):
 class FlatStorage:
     """The flat buffers of one optimizer's current bucket layout."""
 
-    def __init__(self, opt):
+    def __init__(self, opt, previous=None):
         self.opt = opt
         self.params, self.grads = [], []  # one flat tensor per bucket
         self.states = []  # per bucket: state key -> flat tensor (per-element keys) or shared 0-dim tensor
         self.offsets = []
-        self.dirty = False  # a cycle ended and its sum is still in the buffers: zero_grad() must come first
+        # A cycle ended and its sum is still in the buffers: zero_grad() must come first.
+        self.dirty = previous is not None and previous.dirty
         self._build()
 
     @torch.no_grad()
     def _build(self):
         opt = self.opt
         check_flat_params(opt._sorted, opt._name, opt.accum_dtype)
-        param_views, grad_views = [], []
+        param_views, grad_views, pending = [], [], []
         for b in opt._buckets:
             members = opt._sorted[b.start:b.stop]
             offsets, total = _layout(members)
@@ -79,8 +80,9 @@ class FlatStorage:
                 view = _view(flat_param, offset, p).copy_(p)
                 param_views.append(view)
                 grad = _view(flat_grad, offset, p)
-                if p.grad is not None:  # a gradient pending at construction counts, as autograd's would
+                if p.grad is not None:  # a pending gradient (or, rebuilt mid-cycle, running sum) counts
                     grad.copy_(p.grad)
+                    pending.append(len(grad_views))
                 grad_views.append(grad)
             self.params.append(flat_param)
             self.grads.append(flat_grad)
@@ -90,8 +92,8 @@ class FlatStorage:
             p.data = view
         self.grad_views = grad_views  # each slot's .grad: the running sum of the cycle
         self.binding = FlatBinding(opt._sorted, param_views, grad_views)
-        self.binding.bind_grads()
-        self.binding.mark_cycle_start([])
+        self.binding.bind_grads(False)
+        self.binding.mark_cycle_start(pending)
 
     # ------------------------------------------------------------------ gradients
     def check_micro_step(self, end_of_cycle, max_bumps):
@@ -113,7 +115,7 @@ class FlatStorage:
         """A new cycle: the gradient buffers zeroed in place (the views' versions do not move)."""
         for grad in self.grads:
             grad.zero_()
-        self.binding.bind_grads()  # after a module.zero_grad(), the coming backward adds into the views
+        self.binding.bind_grads(True)  # after a module.zero_grad(), the coming backward adds into the views
         self.dirty = False
 
     @torch.no_grad()

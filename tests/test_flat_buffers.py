@@ -363,3 +363,25 @@ def test_flat_adamw_matches_float64_reference_on_edge_shapes(device, dtype, norm
         assert float(opt.state[p]["step"]) == reference.state[i][2] == 3
         assert_close(opt.state[p]["exp_avg"], reference.state[i][0], dtype, f"exp_avg {i}")
         assert_close(opt.state[p]["exp_avg_sq"], reference.state[i][1], dtype, f"exp_avg_sq {i}")
+
+
+def test_flat_add_param_group_mid_cycle_and_after_a_cycle_keeps_sums_and_rules():
+    gen = generator(seed_of("flat-regroup"))
+    params = _params(torch.float32, "cpu", gen)
+    opt = _flat_sgd(params, accumulation_steps=2)
+    first = [randn(p.shape, p.dtype, "cpu", gen) for p in params]
+    _backward(params, first)
+    opt.step()
+    opt.zero_grad()
+    extra = nn.Parameter(randn((5,), torch.float32, "cpu", gen))
+    opt.add_param_group(dict(params=[extra], lr=0.1))  # mid-cycle: the running sums move to the new buffers
+    for p, g in zip(params, first):
+        assert torch.equal(p.grad, g)
+    second = [randn(p.shape, p.dtype, "cpu", gen) for p in params + [extra]]
+    _backward(params + [extra], second)
+    opt.step()  # every parameter had a gradient in the cycle (the first micro-batch's count)
+    later = nn.Parameter(randn((3,), torch.float32, "cpu", gen))
+    opt.add_param_group(dict(params=[later], lr=0.1))  # after the cycle, before zero_grad(): still refused
+    _backward(params + [extra, later], [randn(p.shape, p.dtype, "cpu", gen) for p in params + [extra, later]])
+    with pytest.raises(RuntimeError, match="call optimizer.zero_grad"):
+        opt.step()
