@@ -3,7 +3,8 @@
 measure() takes several named implementations of the same work and times them
 *interleaved* (A B C A B C ...) so slow drifts of a shared machine hit all of them alike:
 
-* warm-up calls first (also used to size the number of repetitions for a time budget);
+* warm-up calls first, at least one per rotated input set (its first call builds lazy state such
+  as optimizer buffers), the last ones also sizing the repetitions for a time budget;
 * every repetition is timed on its own: on CPU with time.perf_counter, on CUDA with a pair
   of CUDA events around the call (after torch.cuda.synchronize() when an untimed `setup`
   ran first, so queued setup kernels never hide the call's launch overhead), or - for
@@ -173,7 +174,8 @@ def measure(benches: Dict[str, Bench], device, *, warmup: int = 2, min_reps: int
     estimate = {}
     for name, runner in runners.items():
         spent = 0.0
-        for _ in range(max(1, warmup)):
+        calls = max(1, warmup, runner.bench.n_sets)  # every input set once: its first call builds lazy state
+        for call in range(calls):
             i = runner._index()
             if runner.bench.setup is not None:
                 runner.bench.setup(i)
@@ -181,7 +183,8 @@ def measure(benches: Dict[str, Bench], device, *, warmup: int = 2, min_reps: int
             t0 = time.perf_counter()
             runner.bench.fn(i)
             synchronize(device)
-            spent += time.perf_counter() - t0
+            if call >= calls - max(1, warmup):
+                spent += time.perf_counter() - t0
         estimate[name] = spent / max(1, warmup)  # the timed part only, for sizing the repetitions
         runner.try_capture()
     reps = {name: int(min(max_reps, max(min_reps, target_s / max(est, 1e-7)))) for name, est in estimate.items()}

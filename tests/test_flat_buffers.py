@@ -72,13 +72,16 @@ def test_flat_storage_is_one_buffer_per_bucket_and_grad_holds_the_running_sum():
     params = _params(torch.float32, "cpu", gen)
     values = [p.detach().clone() for p in params]
     opt = _flat_sgd(params, accumulation_steps=3)
+    def span(t):
+        return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
     for bi, b in enumerate(opt._buckets):
-        flat = opt._flat.params[bi]
-        start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+        (p_start, p_end), (g_start, g_end) = span(opt._flat.params[bi]), span(opt._flat.grads[bi])
         for p in opt._sorted[b.start:b.stop]:
             if p.numel():
-                assert start <= p.data_ptr() < end and p.data_ptr() % 64 == 0
-                assert start <= p.grad.data_ptr() - opt._flat.grads[bi].data_ptr() + start < end
+                assert p_start <= p.data_ptr() < p_end and p.data_ptr() % 64 == 0
+                assert g_start <= p.grad.data_ptr() < g_end
+                assert p.data_ptr() - p_start == p.grad.data_ptr() - g_start  # the same layout
     for p, v in zip(params, values):
         assert torch.equal(p, v)  # values carried into the buffer
     total = [torch.zeros_like(p) for p in params]
