@@ -37,6 +37,18 @@ LR, MOMENTUM, MAX_NORM = 1e-4, 0.9, 1.0
 TORCH_IMPLS = ("torch_fused", "torch_foreach")
 
 
+def make_optimizer(name, params, K=1, max_norm=MAX_NORM):
+    """The optimizer an implementation name stands for (None for a name that is not one): gradfuse
+    in its default or flat-buffer mode, or torch.optim.SGD fused / foreach."""
+    if name in ("gradfuse", "gradfuse_flat"):
+        return gradfuse.FusedAccumSGD(params, lr=LR, momentum=MOMENTUM, accumulation_steps=K, max_grad_norm=max_norm,
+                                      flat_buffers=name == "gradfuse_flat")
+    if name in TORCH_IMPLS:
+        kw = {"fused": True} if name == "torch_fused" else {"foreach": True}
+        return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **kw)
+    return None
+
+
 def _randn(shapes, dtype, device, scale, generator=None):
     return [(torch.randn(s, device=device, dtype=torch.float32) * scale).to(dtype) for s in shapes]
 

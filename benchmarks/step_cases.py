@@ -10,9 +10,7 @@ leaves them (put there by an untimed setup).
 """
 import torch
 
-import gradfuse
-
-from .cases import LR, MAX_NORM, MOMENTUM, TORCH_IMPLS, GradSet, make_params
+from .cases import MAX_NORM, GradSet, make_optimizer, make_params
 from .timing import Bench
 
 
@@ -24,15 +22,11 @@ def step_benches(shapes, dtype, device, n_sets, impls):
         states = []
         for _ in range(n_sets):
             params = make_params(shapes, dtype, device)
-            if name in ("gradfuse", "gradfuse_flat"):
-                opt = gradfuse.FusedAccumSGD(params, lr=LR, momentum=MOMENTUM, max_grad_norm=MAX_NORM,
-                                             flat_buffers=name == "gradfuse_flat")
-            elif name in TORCH_IMPLS:
-                kw = {"fused": True} if name == "torch_fused" else {"foreach": True}
-                opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **kw)
-            else:
-                continue
-            states.append((params, opt))
+            opt = make_optimizer(name, params)
+            if opt is not None:
+                states.append((params, opt))
+        if not states:
+            continue
         keep.append(states)
         benches[name] = Bench(_step(states, name), _setup(states, sets, name), n_sets)
     return benches, keep

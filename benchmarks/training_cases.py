@@ -18,9 +18,7 @@ micro-batch maps and page-faults fresh 500 MB buffers, whose variance swamps the
 """
 import torch
 
-import gradfuse
-
-from .cases import LR, MAX_NORM, MOMENTUM, TORCH_IMPLS, make_params
+from .cases import MAX_NORM, make_optimizer, make_params
 from .timing import Bench
 from .workloads import total_params
 
@@ -45,15 +43,9 @@ def training_benches(shapes, dtype, device, K, n_sets, impls):
         states = []
         for _ in range(n_sets):
             params = make_params(shapes, dtype, device)
-            if name in ("gradfuse", "gradfuse_flat"):
-                opt = gradfuse.FusedAccumSGD(params, lr=LR, momentum=MOMENTUM, accumulation_steps=K,
-                                             max_grad_norm=MAX_NORM, flat_buffers=name == "gradfuse_flat")
-            elif name in TORCH_IMPLS:
-                kw = {"fused": True} if name == "torch_fused" else {"foreach": True}
-                opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **kw)
-            else:
-                continue
-            states.append((params, opt))
+            opt = make_optimizer(name, params, K)
+            if opt is not None:
+                states.append((params, opt))
         if not states:
             continue
         keep.append(states)
