@@ -20,6 +20,10 @@ class FusedAccumAdamW(FusedAccumOptimizer):
     is not finite (skip_nonfinite: moments and step count untouched), scales A by
     min(1, max_grad_norm / (norm + 1e-6)) and applies AdamW's update (decoupled weight decay,
     bias corrections from each parameter's own step count, amsgrad, maximize) in one pass.
+
+    flat_buffers=True keeps the parameters, their gradients and the per-element state as views of one
+    flat buffer per (group, device, dtype): autograd accumulates in place and every pass is one call,
+    however many tensors (for models of many small tensors; see gradfuse/flat_storage.py).
     """
 
     _RULE = "AdamW"

@@ -14,6 +14,10 @@ class FusedAccumSGD(FusedAccumOptimizer):
     micro-step K computes the norm_type norm of A over all parameters, skips the update when
     it is not finite (skip_nonfinite), scales A by min(1, max_grad_norm / (norm + 1e-6)) and
     applies SGD (weight decay, momentum, dampening, nesterov, maximize) in one pass.
+
+    flat_buffers=True keeps the parameters, their gradients and the per-element state as views of one
+    flat buffer per (group, device, dtype): autograd accumulates in place and every pass is one call,
+    however many tensors (for models of many small tensors; see gradfuse/flat_storage.py).
     """
 
     _RULE = "SGD"
