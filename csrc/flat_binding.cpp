@@ -5,15 +5,12 @@
 // cycle. A .grad set to None (module.zero_grad()) with no backward since is bound again.
 #include "flat_binding.h"
 
-#include <torch/csrc/autograd/python_variable.h>
-
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace gradfuse {
 namespace {
-
 
 class FlatBinding {
  public:

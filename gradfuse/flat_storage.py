@@ -6,8 +6,8 @@ gradient_as_bucket_view and Megatron-LM's contiguous gradient buffer).
 
 What changes for the user: p.data is rebound to a view of the flat buffer at construction; p.grad
 is a view too, and holds the running sum of the cycle; optimizer.zero_grad() zeroes the buffer in
-place at the start of a cycle (set_to_none is ignored) and does nothing mid-cycle; every parameter
-is updated every cycle. Whatever breaks those rules is refused with an error naming the parameter."""
+place at the start of a cycle and keeps it mid-cycle (set_to_none is ignored; either way it binds
+the views again after a module.zero_grad()); every parameter is updated every cycle. Whatever breaks those rules is refused with an error naming the parameter."""
 import torch
 
 from ._native import FlatBinding

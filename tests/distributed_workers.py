@@ -133,6 +133,25 @@ def ddp_flat_bucket_view_refused(rank, ranks):
         raise AssertionError("the refused step changed parameters")
 
 
+def fsdp2_flat_buffers_refused(rank, ranks):
+    """FSDP2 owns its DTensor parameters' storage: flat_buffers=True must refuse them at construction."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model, mesh=init_device_mesh(DEVICE.type, (ranks,)))
+    before = [p.to_local().detach().clone() for p in model.parameters()]
+    try:
+        FusedAccumSGD(model.parameters(), **HYPER, flat_buffers=True)
+    except ValueError as error:
+        if "does not support DTensor (FSDP2)" not in str(error):
+            raise
+    else:
+        raise AssertionError("flat_buffers=True over FSDP2 parameters was not refused")
+    if not all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before)):
+        raise AssertionError("the refused construction changed parameters")
+
+
 def fsdp2(rank, ranks, mesh_shape, sync_every_micro_batch, rule="sgd"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

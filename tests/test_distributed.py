@@ -51,6 +51,10 @@ def test_ddp_flat_buffers_refuse_gradient_as_bucket_view():
     spawn(2, "ddp_flat_bucket_view_refused")
 
 
+def test_fsdp2_flat_buffers_refused():
+    spawn(2, "fsdp2_flat_buffers_refused")
+
+
 @pytest.mark.parametrize("growth_interval", [1000, 3], ids=["steady_scale", "scale_grows"])
 def test_ddp_no_sync_with_grad_scaler(growth_interval):
     spawn(2, "ddp_grad_scaler", growth_interval)

@@ -90,7 +90,8 @@ inline void load_widened(const T* data, DoubleVec& low, DoubleVec& high) {
   } else if constexpr (kBFloat16) {  // 128-bit halves convert without an extract
     const __m128i words = _mm_loadu_si128(reinterpret_cast<const __m128i*>(data));
     low = DoubleVec(_mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(words, 16))));
-    high = DoubleVec(_mm256_cvtps_pd(_mm_castsi128_ps(_mm_and_si128(words, _mm_set1_epi32(static_cast<int>(0xFFFF0000u))))));
+    const __m128i odd = _mm_and_si128(words, _mm_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    high = DoubleVec(_mm256_cvtps_pd(_mm_castsi128_ps(odd)));
   } else {
     const __m256 values = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(data)));
     low = DoubleVec(_mm256_cvtps_pd(_mm256_castps256_ps128(values)));
