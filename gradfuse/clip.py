@@ -150,7 +150,8 @@ def _scale_(buckets, coefficient):
     for bucket in buckets:
         device_coefficient, inverse = per_device.get(bucket.device, (None, None))
         if device_coefficient is None:
-            device_coefficient = coefficient.to(bucket.device, non_blocking=True)
+            # non_blocking only towards CUDA: a copy to the host must finish before the CPU reads it.
+            device_coefficient = coefficient.to(bucket.device, non_blocking=bucket.device.type == "cuda")
             # accumulate_ with first=True and an amp_scale of 1/c stores grad * float32(1/(1/c)) in place:
             # the fused scaling pass, reading the factor on the device like GradScaler's unscale.
             inverse = torch.reciprocal(device_coefficient).to(torch.float32)

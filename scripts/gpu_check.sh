@@ -8,7 +8,8 @@
 #                 by SIGINT so pytest still prints its summary;
 #     sanitizers  memcheck, racecheck, initcheck, synccheck over scripts/sanitizer_workload.py;
 #   bench    alone on the GPU: CUDA microbenchmarks (quick plan, bf16/fp16 op rows, host us per
-#            step), each row appended to bench.jsonl as it finishes.
+#            step), each row appended to bench.jsonl as it finishes;
+#   compile  the torch.compile CUDA tests (inductor compiles for tens of seconds) with what is left.
 # Whatever fails or times out, $OUT gets summary.json, logs.tar.gz (every log) and the key logs
 # beside them: at most 8 files, as the device tool returns no more.
 set -uo pipefail
@@ -53,7 +54,7 @@ finish() {
   trap - EXIT
   "$PY" scripts/gpu_check_summary.py "$WORK" $(( $(date +%s) - START )) > "$OUT/summary.json" 2> "$WORK/summary.err" ||
     printf '{"error": "gpu_check_summary.py failed; see logs.tar.gz summary.err", "steps_file": "steps.jsonl"}\n' > "$OUT/summary.json"
-  for f in ptxas.txt tests.log sanitizers.log bench.jsonl bench.log; do
+  for f in ptxas.txt tests.log sanitizers.log bench.jsonl bench.log compile_tests.log; do
     [[ -s "$WORK/$f" ]] && cp "$WORK/$f" "$OUT/$f"
   done
   tar -czf "$OUT/logs.tar.gz" -C "$WORK" . 2>/dev/null
@@ -111,7 +112,8 @@ SIDE_S=$(( BUDGET_S - ($(date +%s) - START) - BENCH_S ))
 (( SIDE_S < 60 )) && SIDE_S=60
 # About a thousand CUDA test ids, most of their time in float64 references on the host: 8 workers
 # when pytest-xdist is there; pytest-timeout stops a hung test, not the run.
-PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --durations=15 -k cuda --junitxml="$WORK/pytest.xml")
+# torch.compile tests (inductor: Triton compiles, tens of seconds each) run last, in their own step.
+PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --durations=15 -k "cuda and not test_compile" --junitxml="$WORK/pytest.xml")
 "$PY" -c 'import pytest_timeout' 2> /dev/null && PYTEST_ARGS+=(--timeout=60)
 "$PY" -c 'import xdist' 2> /dev/null && PYTEST_ARGS+=(-n 8)
 step tests "$SIDE_S" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests &
@@ -122,4 +124,9 @@ wait $TESTS_PID
 # ---- benchmarks alone on the GPU
 step bench "$BENCH_S" "$PY" -m benchmarks.run --device cuda --quick --cuda-graphs --no-progress --out "$WORK/bench" \
   --rows "$WORK/bench.jsonl"
+
+# ---- the torch.compile CUDA tests with what the budget leaves
+COMPILE_ARGS=(-q -rfEs -p no:cacheprovider -k cuda --junitxml="$WORK/pytest_compile.xml")
+"$PY" -c 'import xdist' 2> /dev/null && COMPILE_ARGS+=(-n 4)
+step compile_tests 300 "$PY" -m pytest "${COMPILE_ARGS[@]}" tests/test_compile.py
 exit 0

@@ -52,9 +52,9 @@ def _has(program):
     return any(os.access(os.path.join(p, program), os.X_OK) for p in os.environ.get("PATH", "").split(os.pathsep))
 
 
-def pytest_results(work):
-    text = read(work, "pytest.xml")
-    log = read(work, "tests.log") or ""
+def pytest_results(work, xml="pytest.xml", log_name="tests.log"):
+    text = read(work, xml)
+    log = read(work, log_name) or ""
     tail = [line for line in log.splitlines()[-5:] if line.strip()]
     if text is None:
         return {"junit": None, "last_lines": tail}
@@ -129,6 +129,7 @@ def main(work, wall_s=None):
         "versions": versions(),
         "steps": list(steps.values()),
         "tests": pytest_results(work),
+        "compile_tests": pytest_results(work, "pytest_compile.xml", "compile_tests.log"),
         "sanitizers": sanitizer_results(work, steps),
         "ptxas": ptxas_totals(work),
         "bench": bench_rows(work),

@@ -1,7 +1,9 @@
 """A small CUDA workload for compute-sanitizer: every op and a few optimizer cycles on odd
 sizes, misaligned views (scalar prologues, lists misaligned against each other) and every dtype,
 fp16/bf16 norm packs that take the float64 fallback, plus lists that cross launch-table edges,
-both table tiers and multi-unit norm chunks (small, so the four tools finish quickly)."""
+both table tiers and multi-unit norm chunks, and AdamW (amsgrad on and off, fp64, bf16 params with
+fp32 gradients, misaligned views, more than 540 tensors, a skipped cycle); small, so the four
+tools finish quickly."""
 import torch
 
 import gradfuse
@@ -67,14 +69,37 @@ def run_multi_launch():
     ops.clipped_sgd_step_(params, accs, buffers, flags, total, 0.01, momentum=0.9, max_norm=1.0)
 
 
+def run_adamw():
+    """The AdamW kernel on every storage pair, aligned and misaligned lists, over 540 tensors (two
+    launches), amsgrad on and off, a finite norm and a non-finite one (the skipped cycle)."""
+    pairs = ((torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
+             (torch.float16, torch.float16))
+    sizes = SIZES + tuple(1 + i % 29 for i in range(600))
+    for param_dtype, grad_dtype in pairs:
+        for amsgrad, make in ((False, lambda n, d: torch.randn(n, device="cuda").to(d)), (True, misaligned)):
+            params = [make(n, param_dtype) for n in sizes]
+            grads = [make(n, grad_dtype) for n in sizes]
+            exp_avgs = [make(n, param_dtype) for n in sizes]
+            exp_avg_sqs = [make(n, param_dtype).square() for n in sizes]
+            maxes = [v * 1.5 for v in exp_avg_sqs] if amsgrad else []
+            steps = [torch.tensor(float(i % 7), device="cuda") for i in range(len(sizes))]
+            for norm in (3.0, float("nan")):
+                total = torch.tensor(norm, dtype=torch.float64, device="cuda")
+                ops.clipped_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, total, 0.01,
+                                        weight_decay=0.01, amsgrad=amsgrad, grad_scale=0.5, max_norm=1.0)
+
+
 def run_optimizer():
     model = torch.nn.Sequential(torch.nn.Linear(33, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5)).cuda()
-    opt = gradfuse.FusedAccumSGD(model.parameters(), lr=0.05, momentum=0.9, accumulation_steps=3,
-                                 max_grad_norm=1.0)
-    for _ in range(9):
-        model(torch.randn(8, 33, device="cuda")).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
+    for make in (lambda: gradfuse.FusedAccumSGD(model.parameters(), lr=0.05, momentum=0.9, accumulation_steps=3,
+                                                max_grad_norm=1.0),
+                 lambda: gradfuse.FusedAccumAdamW(model.parameters(), lr=0.01, amsgrad=True, accumulation_steps=3,
+                                                  max_grad_norm=1.0)):
+        opt = make()
+        for _ in range(9):
+            model(torch.randn(8, 33, device="cuda")).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
     torch.cuda.synchronize()
 
 
@@ -83,5 +108,6 @@ if __name__ == "__main__":
     run_ops()
     run_same_phase_and_half_norms()
     run_multi_launch()
+    run_adamw()
     run_optimizer()
     print("sanitizer workload finished")

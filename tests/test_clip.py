@@ -317,11 +317,25 @@ def test_get_total_norm_leaves_tensors_alone_and_needs_no_grad_mode(device, gen)
 def test_no_host_sync_on_cuda(gen):
     params = make_params([(1000,), (33,)], [torch.float32, torch.bfloat16], "cuda", gen)
     gradfuse.clip_grad_norm_(params, 0.5)  # warm-up: allocator and first-use setup
+    given_norm = torch.tensor(3.0, device="cuda")  # made before the block: a host-to-device copy syncs
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         gradfuse.clip_grad_norm_(params, 0.5)
         gradfuse.get_total_norm([p.grad for p in params], math.inf)
-        gradfuse.clip_grads_with_norm_(params, 0.5, torch.tensor(3.0, device="cuda"))
+        gradfuse.clip_grads_with_norm_(params, 0.5, given_norm)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_cuda
+@pytest.mark.parametrize("first", ["cpu", "cuda"])
+def test_cpu_and_cuda_gradients_mixed_are_scaled_by_the_finished_factor(gen, first):
+    # The clip factor lives on the first gradient's device; a CPU bucket must read it after the copy ends.
+    second = "cuda" if first == "cpu" else "cpu"
+    params = (make_params([(4097,), (33,), (1,)], [torch.float32, torch.bfloat16], first, gen)
+              + make_params([(65537,), (7,), (3, 11)], [torch.float32, torch.float16], second, gen))
+    for _ in range(3):  # fresh gradients each round: a stale factor from the round before would show
+        for p in params:
+            p.grad = randn(p.shape, p.dtype, p.device, gen, 3.0)
+        check_clip(params, 0.5, 2.0)
