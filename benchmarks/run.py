@@ -146,6 +146,9 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--rows", default=None, help="append the ceiling and each finished row to this JSON-lines file")
     parser.add_argument("--no-host", action="store_true", help="skip the host-us-per-step rows")
+    parser.add_argument("--resume", default=None,
+                        help="a --rows file of an earlier run on the same kind of machine: its finished rows are "
+                             "kept (marked resumed) and not measured again")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
@@ -176,8 +179,11 @@ def main(argv=None):
 
     emit(dict(kind="ceiling", ceiling_gbps=ceiling["ceiling_gbps"], ceiling_kind=ceiling["ceiling_kind"],
               machine=info))
-    host = []
-    if device == "cuda" and not args.no_host and not args.only:  # on CPU a step's host time is its compute
+    earlier = _resumed_rows(args.resume)
+    for row in earlier.values():
+        emit(row)
+    host = [row for row in earlier.values() if row.get("kind") == "host"]
+    if device == "cuda" and not args.no_host and not args.only and not host:  # on CPU a step's host time is its compute
         progress.step("host us per step")
         for row in host_overhead.host_rows(device):
             emit(row)
@@ -187,6 +193,9 @@ def main(argv=None):
                              lr=cases.LR, momentum=cases.MOMENTUM, max_norm=cases.MAX_NORM, argv=sys.argv)}
     for case in plan:
         progress.step(_label(case))
+        if _label(case) in earlier:
+            result["rows"].append(earlier[_label(case)])
+            continue
         case_start = time.perf_counter()
         try:
             row = run_case(case, device, llc, tcfg, args.cuda_graphs, ceiling["ceiling_gbps"])
@@ -223,6 +232,23 @@ def main(argv=None):
             f.write(markdown)
     print(report.render_text(result))
     print(f"\nwrote {out}/results.json, sweep.png, {tag}.md  ({result['wall_s']:.0f} s)")
+
+
+def _resumed_rows(path):
+    """label -> row of an earlier run's --rows file (rows that finished, errors excluded), each marked
+    resumed; {} without a file."""
+    rows = {}
+    if path is None:
+        return rows
+    with open(path) as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill
+            if "label" in row and "error" not in row and row.get("kind") not in ("ceiling", "clip", "adamw"):
+                rows[row["label"]] = dict(row, resumed=True)
+    return rows
 
 
 def _label(case):

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 namespace gradfuse {
 
@@ -86,6 +87,16 @@ void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t, 
 
 namespace {
 
+// "[5, 4]" for a shape or strides, written here so that a message needs no stream operator of
+// c10::ArrayRef (a bad-gradient report crashed inside one on the first GPU run).
+std::string list_text(c10::IntArrayRef values) {
+  std::string text = "[";
+  for (size_t i = 0; i < values.size(); ++i) {
+    text += (i == 0 ? "" : ", ") + std::to_string(values[i]);
+  }
+  return text + "]";
+}
+
 // Two slots holding one gradient storage (p2.grad = p1.grad) must not both become accumulators:
 // each later addition would land twice. Every holder after the first (by slot) is copied.
 void demote_shared_adoptions(const std::vector<const at::Tensor*>& grads, std::string& codes) {
@@ -120,11 +131,11 @@ std::string gradient_problem(const at::Tensor& p, const at::Tensor& g) {
     return c10::str("has its gradient on ", g.device(), " but the parameter is on ", p.device());
   }
   if (g.sizes() != p.sizes()) {
-    return c10::str("has a gradient of shape ", g.sizes(), " but the parameter has shape ", p.sizes());
+    return "has a gradient of shape " + list_text(g.sizes()) + " but the parameter has shape " + list_text(p.sizes());
   }
   if (!g.is_non_overlapping_and_dense()) {
-    return c10::str("has a gradient that is not dense in memory (strides ", g.strides(),
-                    "); FusedAccumSGD needs gradients laid out like their parameters");
+    return "has a gradient that is not dense in memory (strides " + list_text(g.strides()) +
+           "); FusedAccumSGD needs gradients laid out like their parameters";
   }
   return std::string();
 }

@@ -106,15 +106,17 @@ sanitizers() {  # the four tools side by side; each log also lands in sanitizers
 }
 
 # ---- tests and sanitizers side by side (neither is timed), leaving BENCH_S for the benchmarks
-BENCH_S=90
+BENCH_S="${GPU_CHECK_BENCH_S:-90}"
+SIDE_MAX="${GPU_CHECK_SIDE_MAX_S:-150}"
 SIDE_S=$(( BUDGET_S - ($(date +%s) - START) - BENCH_S ))
-(( SIDE_S > 150 )) && SIDE_S=150
+(( SIDE_S > SIDE_MAX )) && SIDE_S=$SIDE_MAX
 (( SIDE_S < 60 )) && SIDE_S=60
 # About a thousand CUDA test ids, most of their time in float64 references on the host: 8 workers
 # when pytest-xdist is there; pytest-timeout stops a hung test, not the run.
 # torch.compile tests (inductor: Triton compiles, tens of seconds each) run last, in their own step.
-PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --durations=15 -k "cuda and not test_compile" --junitxml="$WORK/pytest.xml")
-"$PY" -c 'import pytest_timeout' 2> /dev/null && PYTEST_ARGS+=(--timeout=60)
+PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --durations=15 -k "${GPU_CHECK_K:-cuda and not test_compile}" --junitxml="$WORK/pytest.xml")
+# (180 s: the peak-memory test starts four CUDA processes, slow while the sanitizers load the GPU)
+"$PY" -c 'import pytest_timeout' 2> /dev/null && PYTEST_ARGS+=(--timeout=180)
 "$PY" -c 'import xdist' 2> /dev/null && PYTEST_ARGS+=(-n 8)
 step tests "$SIDE_S" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests &
 TESTS_PID=$!
@@ -122,11 +124,13 @@ if (( SANITIZE )); then sanitizers; fi
 wait $TESTS_PID
 
 # ---- benchmarks alone on the GPU
+# GPU_CHECK_BENCH_RESUME: an earlier run's bench.jsonl whose finished rows are kept, not re-measured.
 step bench "$BENCH_S" "$PY" -m benchmarks.run --device cuda --quick --cuda-graphs --no-progress --out "$WORK/bench" \
-  --rows "$WORK/bench.jsonl"
+  --rows "$WORK/bench.jsonl" ${GPU_CHECK_BENCH_RESUME:+--resume "$GPU_CHECK_BENCH_RESUME"}
 
 # ---- the torch.compile CUDA tests with what the budget leaves
 COMPILE_ARGS=(-q -rfEs -p no:cacheprovider -k cuda --junitxml="$WORK/pytest_compile.xml")
 "$PY" -c 'import xdist' 2> /dev/null && COMPILE_ARGS+=(-n 4)
+[[ -n "${GPU_CHECK_SKIP_COMPILE:-}" ]] && exit 0
 step compile_tests 300 "$PY" -m pytest "${COMPILE_ARGS[@]}" tests/test_compile.py
 exit 0

@@ -69,24 +69,29 @@ def run_multi_launch():
     ops.clipped_sgd_step_(params, accs, buffers, flags, total, 0.01, momentum=0.9, max_norm=1.0)
 
 
+def adamw_call(sizes, param_dtype, grad_dtype, make, amsgrad, norms=(3.0,)):
+    params = [make(n, param_dtype) for n in sizes]
+    grads = [make(n, grad_dtype) for n in sizes]
+    exp_avgs = [make(n, param_dtype) for n in sizes]
+    exp_avg_sqs = [make(n, param_dtype).square() for n in sizes]
+    maxes = [v * 1.5 for v in exp_avg_sqs] if amsgrad else []
+    steps = [torch.tensor(float(i % 7), device="cuda") for i in range(len(sizes))]
+    for norm in norms:
+        total = torch.tensor(norm, dtype=torch.float64, device="cuda")
+        ops.clipped_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, total, 0.01,
+                                weight_decay=0.01, amsgrad=amsgrad, grad_scale=0.5, max_norm=1.0)
+
+
 def run_adamw():
-    """The AdamW kernel on every storage pair, aligned and misaligned lists, over 540 tensors (two
-    launches), amsgrad on and off, a finite norm and a non-finite one (the skipped cycle)."""
-    pairs = ((torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
-             (torch.float16, torch.float16))
-    sizes = SIZES + tuple(1 + i % 29 for i in range(600))
-    for param_dtype, grad_dtype in pairs:
-        for amsgrad, make in ((False, lambda n, d: torch.randn(n, device="cuda").to(d)), (True, misaligned)):
-            params = [make(n, param_dtype) for n in sizes]
-            grads = [make(n, grad_dtype) for n in sizes]
-            exp_avgs = [make(n, param_dtype) for n in sizes]
-            exp_avg_sqs = [make(n, param_dtype).square() for n in sizes]
-            maxes = [v * 1.5 for v in exp_avg_sqs] if amsgrad else []
-            steps = [torch.tensor(float(i % 7), device="cuda") for i in range(len(sizes))]
-            for norm in (3.0, float("nan")):
-                total = torch.tensor(norm, dtype=torch.float64, device="cuda")
-                ops.clipped_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, maxes, steps, total, 0.01,
-                                        weight_decay=0.01, amsgrad=amsgrad, grad_scale=0.5, max_norm=1.0)
+    """The AdamW kernel on every storage pair, aligned (amsgrad off) and misaligned (amsgrad on),
+    a finite norm and a non-finite one (the skipped cycle); then 560 tensors with amsgrad (more than
+    the 540 one 32 KB table holds at depth 6: two launches)."""
+    aligned = lambda n, d: torch.randn(n, device="cuda").to(d)  # noqa: E731
+    for param_dtype, grad_dtype in ((torch.float32, torch.float32), (torch.float64, torch.float64),
+                                    (torch.bfloat16, torch.float32), (torch.float16, torch.float16)):
+        adamw_call(SIZES, param_dtype, grad_dtype, aligned, False, norms=(3.0, float("nan")))
+        adamw_call(SIZES, param_dtype, grad_dtype, misaligned, True, norms=(3.0, float("nan")))
+    adamw_call([1 + i % 29 for i in range(560)], torch.float32, torch.float32, aligned, True)
 
 
 def run_optimizer():

@@ -63,13 +63,20 @@ def check_clip(params, max_norm, norm_type, **kwargs):
     got = gradfuse.clip_grad_norm_(params, max_norm, norm_type, **kwargs)
     want = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, **kwargs)
     assert (got.dtype, got.device, got.shape) == (want.dtype, want.device, want.shape)
-    assert_close(got, norm, got.dtype, "returned norm vs float64 reference")
+    # CUDA sums fp16/bf16 squares in float packs (within 2.5e-7 of float64, norm_reduce.cuh): a float64
+    # norm over a mix that holds half gradients, and the float64 gradients it clipped, are judged at float32.
+    half_on_cuda = any(p.grad is not None and p.grad.is_cuda and p.grad.dtype in HALF_DTYPES for p in params)
+
+    def judged(dtype):
+        return torch.float32 if half_on_cuda and dtype == torch.float64 else dtype
+
+    assert_close(got, norm, judged(got.dtype), "returned norm vs float64 reference")
     # torch rounds each gradient's norm, and its clip factor, to a storage type: judged at the loosest one.
     torch_dtype = loosest([p.grad.dtype for p in params if p.grad is not None])
     assert_close(got, want.double(), torch_dtype, "returned norm vs torch", table=TORCH_NORM)
     with_grad = [(p, q) for p, q in zip(params, theirs) if p.grad is not None]
     for i, ((p, q), e) in enumerate(zip(with_grad, expected)):
-        assert_close(p.grad, e, p.grad.dtype, f"clipped grad {i} vs reference")
+        assert_close(p.grad, e, judged(p.grad.dtype), f"clipped grad {i} vs reference")
         assert_close(p.grad, q.grad.double(), loosest([p.grad.dtype, torch_dtype]), f"clipped grad {i} vs torch",
                      table=VS_TORCH)
     return got
@@ -278,7 +285,13 @@ def test_tensors_the_kernels_cannot_read_go_to_torch(device, gen):
                                                                                            device, gen)]
     assert_bitwise(gradfuse.get_total_norm(complex_grads), torch.nn.utils.get_total_norm(complex_grads), "complex")
     sparse = randn((6,), torch.float32, "cpu", gen).to_sparse()
-    assert_bitwise(gradfuse.get_total_norm([sparse]), torch.nn.utils.get_total_norm([sparse]), "sparse")
+    try:  # some torch releases have no sparse CPU vector norm: then gradfuse raises torch's own error
+        want = torch.nn.utils.get_total_norm([sparse])
+    except NotImplementedError:
+        with pytest.raises(NotImplementedError):
+            gradfuse.get_total_norm([sparse])
+    else:
+        assert_bitwise(gradfuse.get_total_norm([sparse]), want, "sparse")
     with pytest.raises(RuntimeError, match="floating point or complex"):
         gradfuse.get_total_norm([torch.ones(3, dtype=torch.long, device=device)])
 
@@ -298,7 +311,9 @@ def test_shared_gradient_counts_and_scales_twice_like_torch(device, gen):
     theirs = twins(params)
     theirs[1].grad = theirs[0].grad
     got = gradfuse.clip_grad_norm_(params, 0.5)
-    want = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+    # torch's foreach path scales a tensor listed twice in one CUDA launch, whose two reads race
+    # (seen on an H200: most elements scaled once); its per-tensor path scales twice, in order.
+    want = torch.nn.utils.clip_grad_norm_(theirs, 0.5, foreach=False)
     assert_close(got, want.double(), torch.float32, "norm")
     for p, q in zip(params, theirs):
         assert_close(p.grad, q.grad.double(), torch.float32, "scaled twice")

@@ -59,7 +59,8 @@ def test_thousands_of_steps_do_not_grow_memory(device):
     assert rss_after - rss_before < 2 * 2 ** 20, f"RSS grew by {(rss_after - rss_before) / 2 ** 20:.2f} MiB"
     if device.type == "cuda":
         torch.cuda.synchronize()
-        assert torch.cuda.memory_allocated(device) == cuda_before
+        # No growth; a few blocks held at the warm-up's end may have been freed since (seen: 7 KiB).
+        assert torch.cuda.memory_allocated(device) <= cuda_before
     assert opt.micro_step == 0 and int(opt.skipped_steps) == 0
     assert all(not torch.equal(a, b) for a, b in zip(start, model.parameters()))
 
