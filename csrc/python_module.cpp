@@ -3,6 +3,7 @@
 #include "direct_calls.h"
 #include "flat_binding.h"
 #include "launch_plan_python.h"
+#include "state_gather.h"
 #include "tensor_checks.h"
 
 #include <torch/extension.h>
@@ -17,7 +18,7 @@ std::pair<int64_t, std::string> inspect_parameters(const std::vector<at::Tensor>
     if (p.layout() != at::kStrided) {
       reason = "is not a dense (strided) tensor";
     } else if (p.is_complex()) {
-      reason = "is complex; FusedAccumSGD supports real floating-point parameters only (view complex "
+      reason = "is complex; gradfuse supports real floating-point parameters only (view complex "
                "parameters with torch.view_as_real)";
     } else if (!gradfuse::is_supported_float(p.scalar_type())) {
       reason = std::string("has dtype ") + c10::toString(p.scalar_type()) +
@@ -122,6 +123,7 @@ PYBIND11_MODULE(_C, m) {
   gradfuse::bind_launch_plan(m);
   gradfuse::bind_direct_calls(m);
   gradfuse::bind_flat_binding(m);
+  gradfuse::bind_state_gather(m);
 #ifdef GRADFUSE_WITH_CUDA
   m.attr("cuda_compiled") = true;
 #else

@@ -12,6 +12,14 @@ bool is_supported_float(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
+std::string list_text(c10::IntArrayRef values) {
+  std::string text = "[";
+  for (size_t i = 0; i < values.size(); ++i) {
+    text += (i == 0 ? "" : ", ") + std::to_string(values[i]);
+  }
+  return text + "]";
+}
+
 bool is_inf_norm(double norm_type) { return std::isinf(norm_type); }
 
 void check_norm_type(const char* op, double norm_type) {
@@ -40,11 +48,11 @@ void check_same_layout(const char* op, const char* name, int64_t index, const at
                        const char* ref_name, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, "[", index, "] is on ", t.device(),
                     " but ", ref_name, "[", index, "] is on ", ref.device());
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, "[", index, "] has shape ", t.sizes(),
-                    " but ", ref_name, "[", index, "] has shape ", ref.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, "[", index, "] has shape ", list_text(t.sizes()),
+                    " but ", ref_name, "[", index, "] has shape ", list_text(ref.sizes()));
   TORCH_CHECK_VALUE(t.numel() <= 1 || t.strides() == ref.strides(), op, ": ", name, "[", index,
-                    "] has strides ", t.strides(), " but ", ref_name, "[", index, "] has strides ",
-                    ref.strides(), "; both must share one memory layout");
+                    "] has strides ", list_text(t.strides()), " but ", ref_name, "[", index,
+                    "] has strides ", list_text(ref.strides()), "; both must share one memory layout");
 }
 
 void check_on_device(const char* op, const char* name, int64_t index, const at::Tensor& t, const at::Device& device) {
@@ -68,7 +76,7 @@ void check_norm_state(const char* op, const at::Tensor& norm_state, const at::De
   TORCH_CHECK_VALUE(norm_state.scalar_type() == at::kDouble && norm_state.dim() == 1 &&
                         norm_state.numel() == 2 && norm_state.is_contiguous(),
                     op, ": norm_state must be a contiguous float64 tensor of shape [2], got ",
-                    norm_state.scalar_type(), " ", norm_state.sizes());
+                    norm_state.scalar_type(), " ", list_text(norm_state.sizes()));
   TORCH_CHECK_VALUE(norm_state.device() == device, op, ": norm_state is on ", norm_state.device(),
                     " but the tensors are on ", device);
 }
@@ -80,22 +88,13 @@ void check_amp_scale(const char* op, const at::Tensor& amp_scale, const at::Devi
 }
 
 void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must hold exactly one element, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must hold exactly one element, got shape ",
+                    list_text(t.sizes()));
   TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(), " but the tensors are on ",
                     device);
 }
 
 namespace {
-
-// "[5, 4]" for a shape or strides, written here so that a message needs no stream operator of
-// c10::ArrayRef (a bad-gradient report crashed inside one on the first GPU run).
-std::string list_text(c10::IntArrayRef values) {
-  std::string text = "[";
-  for (size_t i = 0; i < values.size(); ++i) {
-    text += (i == 0 ? "" : ", ") + std::to_string(values[i]);
-  }
-  return text + "]";
-}
 
 // Two slots holding one gradient storage (p2.grad = p1.grad) must not both become accumulators:
 // each later addition would land twice. Every holder after the first (by slot) is copied.
@@ -122,7 +121,7 @@ void demote_shared_adoptions(const std::vector<const at::Tensor*>& grads, std::s
 // string stream per gradient would dominate a step over thousands of tensors).
 std::string gradient_problem(const at::Tensor& p, const at::Tensor& g) {
   if (g.layout() != at::kStrided) {
-    return c10::str("has a ", g.layout(), " gradient; FusedAccumSGD supports dense gradients only");
+    return c10::str("has a ", g.layout(), " gradient; gradfuse supports dense gradients only");
   }
   if (g.scalar_type() != p.scalar_type()) {
     return c10::str("has a gradient of dtype ", g.scalar_type(), " but the parameter is ", p.scalar_type());
@@ -131,11 +130,12 @@ std::string gradient_problem(const at::Tensor& p, const at::Tensor& g) {
     return c10::str("has its gradient on ", g.device(), " but the parameter is on ", p.device());
   }
   if (g.sizes() != p.sizes()) {
-    return "has a gradient of shape " + list_text(g.sizes()) + " but the parameter has shape " + list_text(p.sizes());
+    return "has a gradient of shape " + list_text(g.sizes()) + " but the parameter has shape " +
+           list_text(p.sizes());
   }
   if (!g.is_non_overlapping_and_dense()) {
     return "has a gradient that is not dense in memory (strides " + list_text(g.strides()) +
-           "); FusedAccumSGD needs gradients laid out like their parameters";
+           "); gradfuse needs gradients laid out like their parameters";
   }
   return std::string();
 }

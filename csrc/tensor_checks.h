@@ -4,9 +4,14 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <string>
+
 namespace gradfuse {
 
 bool is_supported_float(at::ScalarType dtype);
+// "[5, 4]" for a shape or strides. Messages use it instead of streaming c10::IntArrayRef through
+// c10::str, which segfaulted under torch 2.11 (first GPU run, 2026-12-04).
+std::string list_text(c10::IntArrayRef values);
 bool is_inf_norm(double norm_type);  // after check_norm_type: true for inf, false for 2
 
 void check_norm_type(const char* op, double norm_type);

@@ -15,3 +15,5 @@ first_modified = _C.first_modified
 GradientInspector = _C.GradientInspector
 FlatBinding = _C.FlatBinding
 direct = _C.direct
+gather_param_state = _C.gather_param_state
+same_objects = _C.same_objects

@@ -31,6 +31,7 @@ class FusedAccumAdamW(FusedAccumOptimizer):
     _STATE_KEYS = frozenset({"step", *_MOMENTS})
     _ELEMENT_KEYS = _MOMENTS
     _SLOT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+    _LEGACY_GROUP_DEFAULTS = {"maximize": False, "amsgrad": False}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, accumulation_steps=1, max_grad_norm=None, norm_type=2.0, skip_nonfinite=True,
@@ -52,7 +53,7 @@ class FusedAccumAdamW(FusedAccumOptimizer):
         # Zeros, step 0 (float32 on the parameter's device, as torch's capturable/fused AdamW keep it).
         new = {}
         for key in self._required_slot_keys(group):
-            if key not in state:
+            if state.get(key) is None:
                 new[key] = (torch.zeros((), dtype=torch.float32, device=p.device) if key == "step"
                             else torch.zeros_like(p, memory_format=torch.preserve_format))
         return new
@@ -60,7 +61,7 @@ class FusedAccumAdamW(FusedAccumOptimizer):
     def _update_bucket(self, bi, slots, params, accs, group, lr, total_norm, grad_scale):
         keys = self._required_slot_keys(group)
         state = dict(zip(keys, self._slot_tensors(bi, slots, keys)))
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (float(beta) for beta in group["betas"])  # tensor betas are read here
         direct_ops.clipped_adamw_step_(params, accs, state["exp_avg"], state["exp_avg_sq"],
                                        state.get("max_exp_avg_sq", []), state["step"], total_norm, lr,
                                        beta1, beta2, group["eps"], group["weight_decay"], group["amsgrad"],

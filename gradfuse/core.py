@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from . import direct_ops, gradient_codes, ops
+from . import copying, direct_ops, gradient_codes, ops, public_state
 from . import hyperparameters as hp
 from ._native import GradientInspector, first_modified, inspect_parameters
 from .backward_accumulation import BackwardAccumulation
@@ -63,13 +63,12 @@ class FusedAccumOptimizer(Optimizer):
     _STATE_KEYS: frozenset = frozenset()
     _SLOT_KEYS: tuple = ()
     _ELEMENT_KEYS: tuple = ()  # the slot keys shaped like the parameter (the rest are 0-dim)
+    _LEGACY_GROUP_DEFAULTS = {"maximize": False}  # group keys older torch state dicts lack, as torch fills them
 
     def __init__(self, params, defaults, *, accumulation_steps=1, max_grad_norm=None, norm_type=2.0,
                  skip_nonfinite=True, error_if_nonfinite=False, accum_dtype=None, process_group=None,
                  accumulate_in_backward=False, flat_buffers=False):
-        self._name = type(self).__name__
-        self._backward = None
-        self._flat: Optional[FlatStorage] = None
+        self._init_private()
         self.accumulation_steps = hp.check_accumulation_steps(accumulation_steps)
         self.max_grad_norm = hp.check_max_grad_norm(max_grad_norm)
         self.norm_type = hp.check_norm_type(norm_type)
@@ -78,11 +77,6 @@ class FusedAccumOptimizer(Optimizer):
         self.accum_dtype = hp.check_accum_dtype(accum_dtype)
         self.process_group = hp.check_process_group(process_group)
         self._check_group(defaults)
-        self._reset_cycle_state()
-        self._norm_states: Dict[tuple, torch.Tensor] = {}  # by (device, norm domain)
-        self._unused_norm: Dict[torch.device, torch.Tensor] = {}  # stands in when no norm is needed
-        self.last_grad_norm: Optional[torch.Tensor] = None
-        self._skipped_steps: Optional[torch.Tensor] = None
         super().__init__(params, defaults)
         if hp.check_flag("accumulate_in_backward", accumulate_in_backward):
             if _distributed():
@@ -96,10 +90,61 @@ class FusedAccumOptimizer(Optimizer):
                                  f"other (autograd already accumulates in place into the flat buffer)")
             self._flat = FlatStorage(self)
 
+    def _init_private(self):
+        """The private structures a new optimizer (or a copy) starts from; the layout follows."""
+        self._name = type(self).__name__
+        self._backward = None
+        self._flat: Optional[FlatStorage] = None
+        self._reset_cycle_state()
+        self._norm_states: Dict[tuple, torch.Tensor] = {}  # by (device, norm domain)
+        self._unused_norm: Dict[torch.device, torch.Tensor] = {}  # stands in when no norm is needed
+        self.last_grad_norm: Optional[torch.Tensor] = None
+        self._skipped_steps: Optional[torch.Tensor] = None
+
+    def __getstate__(self):
+        # torch.optim pickles defaults, state and param_groups; a copy also needs K, the clip and the cycle.
+        return dict(super().__getstate__(), gradfuse=copying.extra_state(self))
+
+    def __setstate__(self, state):
+        # Also called by Optimizer.load_state_dict with state and param_groups only: nothing to rebuild then.
+        extra = state.pop("gradfuse", None) if copying.is_copy_state(state) else None
+        super().__setstate__(state)
+        if extra is not None:
+            copying.restore(self, extra)
+
     def _check_group(self, group, check_tensor_lr=True):
         raise NotImplementedError
 
+    def __repr__(self):
+        # torch.optim's listing of the groups, after the optimizer-wide settings that shape every update.
+        text = super().__repr__()
+        head, _, groups = text.partition("\n")
+        wide = [f"    {name}: {getattr(self, name)}" for name in copying.SETTINGS if name != "process_group"]
+        wide += [f"    flat_buffers: {self._flat is not None}",
+                 f"    accumulate_in_backward: {self._backward is not None}"]
+        return "\n".join([head, "Optimizer-wide", *wide, groups])
+
     # ------------------------------------------------------------------ public observability
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per update (K). May be changed between cycles, or mid-cycle to a K that
+        leaves room for the micro-batches already taken (and not after the hand-back under DDP)."""
+        return self._accumulation_steps
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, value):
+        value = hp.check_accumulation_steps(value)
+        taken = getattr(self, "_micro_step", 0)
+        if taken > 0 and value <= taken:
+            raise ValueError(f"{self._name}: accumulation_steps={value} but {taken} micro-batches of this cycle are "
+                             f"already accumulated; change it between cycles (micro_step == 0) or to more than "
+                             f"{taken}")
+        if taken > 0 and _distributed() and value != self._accumulation_steps:
+            raise ValueError(f"{self._name}: under torch.distributed the cycle's running sums are communicated at its "
+                             f"last micro-batch, which a mid-cycle change would move; change accumulation_steps "
+                             f"between cycles (micro_step == 0)")
+        self._accumulation_steps = value
+
     @property
     def skipped_steps(self) -> torch.Tensor:
         """0-dim int64 tensor (on the first parameter's device): cycles skipped for a non-finite norm."""
@@ -124,25 +169,48 @@ class FusedAccumOptimizer(Optimizer):
             if key in param_group:
                 raise ValueError(f"{key} is optimizer-wide (the global norm spans every group): pass it to "
                                  f"{self._name}(...), not in a parameter group")
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        params, names = _split_named(param_group["params"])
+        others = [p for g in self.param_groups for p in g["params"]]
+        self._check_group_params(params, others, "the new group")
+        group = dict(param_group, params=params)
+        if names:  # torch 2.6+: named parameters ((name, tensor) pairs) record param_names
+            group["param_names"] = names
+        candidate = dict(self.defaults, **group)
+        self._check_group(candidate)
+        super().add_param_group(group)
+        self._rebuild_layout()
+
+    def _check_group_params(self, params, others, what):
+        """The checks a group's parameters pass before they join (also when param_groups was edited)."""
         if len({id(p) for p in params}) != len(params):
             raise ValueError("a parameter group contains the same tensor more than once")
         bad, reason = inspect_parameters(params)
         if bad >= 0:
-            raise ValueError(f"{self._name}: parameter {bad} of the new group {reason}")
-        known = {id(p) for g in self.param_groups for p in g["params"]}
+            raise ValueError(f"{self._name}: parameter {bad} of {what} {reason}")
+        known = {id(p) for p in others}
         if any(id(p) in known for p in params):
             raise ValueError("some parameters appear in more than one parameter group")
         for p in params:
             hp.accumulator_dtype(p.dtype, self.accum_dtype)
         if getattr(self, "_flat", None) is not None:
             check_flat_params(params, self._name, self.accum_dtype)
-        _check_no_shared_memory([p for g in self.param_groups for p in g["params"]] + params, self._name)
-        group = dict(param_group, params=params)
-        candidate = dict(self.defaults, **group)
-        self._check_group(candidate)
-        super().add_param_group(group)
+        _check_no_shared_memory(others + params, self._name)
+
+    def _adopt_edited_param_groups(self):
+        """param_groups was edited by hand (params appended, removed or replaced, a group added or
+        removed): the new groups are checked as add_param_group checks them, then the layout is
+        rebuilt; running sums of parameters still present carry over."""
+        for g, group in enumerate(self.param_groups):
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)  # as add_param_group fills a group's defaults
+            params = group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            earlier = [p for other in self.param_groups[:g] for p in other["params"]]
+            self._check_group_params(params, earlier, f"param_groups[{g}]")
+            hp.check_not_optimizer_wide(group, self._name)
+        for group in self.param_groups:
+            if type(group["params"]) is not list:
+                group["params"] = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
         self._rebuild_layout()
 
     def _rebuild_layout(self):
@@ -190,12 +258,11 @@ class FusedAccumOptimizer(Optimizer):
         self._accs = carry(getattr(self, "_accs", []))
         self._versions = carry(getattr(self, "_versions", []))
         self._owned = carry(getattr(self, "_owned", []))
-        old_slots = getattr(self, "_slot_state", {})
-        self._slot_state = {key: carry(old_slots.get(key, [])) for key in self._SLOT_KEYS}  # self.state, by slot
         self._handed = carry(getattr(self, "_handed", []))
         self._live = [sum(a is not None for a in self._accs[b.start:b.stop]) for b in self._buckets]
-        self._sync_state_ready()
+        self._checked_state = {}  # bucket -> state lists last validated (public_state.state_lists)
         self._slot_params = self._sorted
+        self._group_snapshot = [list(g["params"]) for g in self.param_groups]  # to notice edits of param_groups
 
     def _primary_device(self):
         return self._params[0].device if self._params else torch.device("cpu")
@@ -319,6 +386,13 @@ class FusedAccumOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if public_state.called_by_dcp_init():
+            # torch.distributed.checkpoint's get_state_dict/set_state_dict step once with zero gradients
+            # to create the state layout: create it, but the step is no micro-batch of a cycle.
+            self._gather_cycle_state(None)
+            return loss
+        if public_state.param_groups_changed(self):
+            self._adopt_edited_param_groups()
         for group in self.param_groups:
             self._check_group(group, check_tensor_lr=False)
         if self._flat is not None:
@@ -333,11 +407,17 @@ class FusedAccumOptimizer(Optimizer):
             raise RuntimeError(f"{self._name}: accumulate_in_backward=True cannot be used with GradScaler: the "
                                f"gradients are accumulated during backward, before scaler.step() gives the scale")
         # An AMP micro-batch with inf/nan gradients makes A non-finite: such cycles are always skipped.
-        self._amp_cycle = self._amp_cycle or amp_scale is not None or getattr(self, "found_inf", None) is not None
+        found_inf = getattr(self, "found_inf", None)
+        self._amp_cycle = self._amp_cycle or amp_scale is not None or found_inf is not None
         boundary = self._micro_step + 1 == self.accumulation_steps
+        if boundary:
+            self._gather_cycle_state(codes)
         if self._handed_back:
             codes = self._take_back(grads, codes, amp_scale)
         self._had_gradient = self._had_gradient or codes.count(_NONE) != len(codes)
+        if found_inf is not None:  # GradScaler's verdict, honoured like torch's fused optimizers: skip the cycle
+            primary = self.skipped_steps.device
+            self._norm_state(primary)[1:].add_(found_inf.reshape(1).to(device=primary, dtype=torch.float64))
         self._accumulate(grads, codes, boundary, amp_scale)
         if boundary:
             self._finish_cycle()
@@ -364,6 +444,7 @@ class FusedAccumOptimizer(Optimizer):
         if not boundary:
             self._micro_step += 1
             return
+        self._gather_cycle_state(None)
         if self._needs_norm():
             for bi, b in enumerate(self._buckets):
                 direct_ops.accumulate_norm_(self._norm_state(b.device, b.domain), [self._flat.grads[bi]],
@@ -606,28 +687,35 @@ class FusedAccumOptimizer(Optimizer):
         """Whether this cycle skips on a non-finite norm: as configured, and always under AMP."""
         return self.skip_nonfinite or self._amp_cycle
 
+    def _gather_cycle_state(self, codes):
+        """The rule's state of every bucket this cycle updates (a running sum or a gradient now;
+        codes None: every bucket), read from self.state (created where missing, checked where it
+        changed): all of it before the cycle's last micro-step changes anything."""
+        self._cycle_state = {}
+        for bi, b in enumerate(self._buckets):
+            if codes is not None and self._live[bi] == 0 and codes[b.start:b.stop] == _NONE * (b.stop - b.start):
+                continue
+            group = self.param_groups[b.group_index]
+            keys = tuple(self._required_slot_keys(group))
+            if not keys:
+                continue
+            if self._flat is not None:
+                self._flat.state_tensors(bi, keys)  # re-flattens state that was replaced the torch way
+                continue
+            members = self._sorted[b.start:b.stop]
+            self._cycle_state[bi] = dict(zip(keys, public_state.state_lists(self, bi, members, group, keys)))
+
     def _slot_tensors(self, bucket_index, slots, keys):
         """The rule's per-parameter state tensors for the slots, one list per key (local shards
-        of DTensor state), created zero-filled on first use (a skipped first cycle leaves a
-        harmless state behind)."""
+        of DTensor state), as _gather_cycle_state read them from self.state."""
         if self._flat is not None:
             return self._flat.state_tensors(bucket_index, keys)
         bucket = self._buckets[bucket_index]
-        if not self._state_ready[bucket_index]:
-            group = self.param_groups[bucket.group_index]
-            required = self._required_slot_keys(group)
-            for k in range(bucket.start, bucket.stop):
-                if any(self._slot_state[key][k] is None for key in required):
-                    p = self._sorted[k]
-                    state = self.state[p]
-                    state.update(self._new_param_state(p, group, state))
-                    for key in self._SLOT_KEYS:
-                        self._slot_state[key][k] = state.get(key)
-            self._state_ready[bucket_index] = True
         lists = []
         for key in keys:
-            values = self._slot_state[key]
-            chosen = values[slots.start:slots.stop] if isinstance(slots, range) else [values[k] for k in slots]
+            values = self._cycle_state[bucket_index][key]
+            whole = isinstance(slots, range) and slots.start == bucket.start and slots.stop == bucket.stop
+            chosen = values if whole else [values[k - bucket.start] for k in slots]
             lists.append([local_tensor(t) for t in chosen] if bucket.sharded else chosen)
         return lists
 
@@ -636,14 +724,6 @@ class FusedAccumOptimizer(Optimizer):
 
     def _required_slot_keys(self, group):
         return self._SLOT_KEYS
-
-    def _sync_state_ready(self):
-        # The rule's state is complete for a bucket when its required slot keys exist everywhere.
-        self._state_ready = []
-        for b in self._buckets:
-            required = self._required_slot_keys(self.param_groups[b.group_index])
-            self._state_ready.append(all(self._slot_state[key][k] is not None for key in required
-                                         for k in range(b.start, b.stop)))
 
     def _saved_accumulators(self):
         """Raw running sums by slot, as a checkpoint stores them (flat_buffers: the .grad views)."""
@@ -679,13 +759,8 @@ class FusedAccumOptimizer(Optimizer):
         if self._micro_step > 0 and self._micro_step + 1 == self.accumulation_steps:
             self._hand_back(handback_scale)  # as the saving run did after this micro-step
 
-    def _sync_state_cache(self):
-        """Points the slot caches at the tensors in self.state (after load_state_dict)."""
-        for k, p in enumerate(self._sorted):
-            state = self.state.get(p, {})
-            for key in self._SLOT_KEYS:
-                self._slot_state[key][k] = state.get(key)
-        self._sync_state_ready()
+    def _forget_flat_state(self):
+        """After load_state_dict: flat_buffers=True flattens the loaded per-parameter state again."""
         if self._flat is not None:
             self._flat.forget_state()
 
@@ -705,6 +780,23 @@ class FusedAccumOptimizer(Optimizer):
         """Loads this optimizer's or the matching torch optimizer's state dict; everything is
         validated first."""
         import_state(self, state_dict, super().load_state_dict)
+
+
+def _split_named(params):
+    """(tensors, names) of a group's params as torch.optim accepts them: a tensor, an ordered
+    iterable of tensors, or of (name, tensor) pairs (names [] when unnamed)."""
+    if isinstance(params, torch.Tensor):
+        return [params], []
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
+                        "tensors in sets will change between runs. Please use a list instead.")
+    params = list(params)
+    named = [isinstance(p, tuple) for p in params]
+    if not any(named):
+        return params, []
+    if not all(named):
+        raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+    return [p for _, p in params], [name for name, _ in params]
 
 
 def _changed_sum_message(name, what):

@@ -10,7 +10,7 @@ place at the start of a cycle and keeps it mid-cycle (set_to_none is ignored; ei
 the views again after a module.zero_grad()); every parameter is updated every cycle. Whatever breaks those rules is refused with an error naming the parameter."""
 import torch
 
-from ._native import FlatBinding
+from ._native import FlatBinding, gather_param_state, same_objects
 from .distributed_norm import is_dtensor
 
 _ALIGN_BYTES = 64  # every view starts on a cache line: vector loads of one tensor stay aligned
@@ -88,6 +88,7 @@ class FlatStorage:
             self.grads.append(flat_grad)
             self.states.append({})
             self.offsets.append(offsets)
+        self.bound = [{} for _ in opt._buckets]  # per bucket: state key -> the per-parameter values bound
         for p, view in zip(opt._sorted, param_views):  # nothing below can fail: rebind the user's tensors
             p.data = view
         self.grad_views = grad_views  # each slot's .grad: the running sum of the cycle
@@ -128,11 +129,17 @@ class FlatStorage:
 
     # ------------------------------------------------------------------ optimizer state
     def state_tensors(self, bi, keys):
-        """The rule's state for bucket bi as one-element lists (a flat buffer or a shared scalar)."""
-        entry = self.states[bi]
-        missing = [key for key in keys if key not in entry]
-        if missing:
-            self._create_state(bi, missing)
+        """The rule's state for bucket bi as one-element lists (a flat buffer or a shared scalar).
+        opt.state is the truth: a key whose per-parameter entries are no longer the views bound
+        here (reset or replaced the torch way) is flattened again from what opt.state holds."""
+        opt, b = self.opt, self.opt._buckets[bi]
+        entry, bound = self.states[bi], self.bound[bi]
+        current, _ = gather_param_state(opt.state, opt._sorted[b.start:b.stop], list(keys))
+        stale = [key for key, values in zip(keys, current) if key not in entry or not same_objects(values, bound[key])]
+        if stale:
+            for key in stale:
+                entry.pop(key, None)
+            self._create_state(bi, stale)
         return [[entry[key]] for key in keys]
 
     def forget_state(self):
@@ -150,6 +157,7 @@ class FlatStorage:
         entry = self.states[bi]
         for key in keys:
             existing = [opt.state[p].get(key) for p in members]
+            _check_shared_scalar(opt, key, members, existing)
             if key in opt._ELEMENT_KEYS:
                 flat = torch.zeros_like(self.params[bi], dtype=fresh[key].dtype)
                 values = [_view(flat, offset, p) for p, offset in zip(members, self.offsets[bi])]
@@ -161,9 +169,9 @@ class FlatStorage:
                 shared = fresh[key] if existing[0] is None else existing[0].clone()
                 values = [shared] * len(members)
                 entry[key] = shared
-            for k, (p, value) in enumerate(zip(members, values), start=b.start):
+            for p, value in zip(members, values):
                 opt.state[p][key] = value
-                opt._slot_state[key][k] = value
+            self.bound[bi][key] = values
 
     def check_loaded(self, state_by_index):
         """Before load_state_dict changes anything: within a bucket, every parameter has the same
@@ -182,3 +190,15 @@ class FlatStorage:
             if len(steps) > 1:
                 raise ValueError(f"parameters {indices[0]}..{indices[-1]} share a flat buffer but have different "
                                  f"step counts {sorted(steps)}; flat_buffers=True steps a buffer as one")
+
+
+def _check_shared_scalar(opt, key, members, existing):
+    """A scalar state entry (step count, written flag) is one tensor for a whole flat buffer: the
+    values found in opt.state must agree (read on the host: only when state is flattened again)."""
+    if key in opt._ELEMENT_KEYS:
+        return
+    present = [value for value in existing if value is not None]
+    if present and (len(present) != len(existing) or len({float(v) for v in present}) > 1):
+        raise ValueError(f"{opt._name}: opt.state[p][{key!r}] differs between parameters of one flat buffer (or is "
+                         f"missing for some); flat_buffers=True keeps one {key} per buffer: set it alike for all "
+                         f"of them, or reset their state together")

@@ -7,7 +7,7 @@ import torch
 
 # Hyperparameters that apply to the whole optimizer (the global norm spans every group).
 OPTIMIZER_WIDE = ("accumulation_steps", "max_grad_norm", "norm_type", "skip_nonfinite", "error_if_nonfinite",
-                  "accum_dtype", "process_group", "accumulate_in_backward")
+                  "accum_dtype", "process_group", "accumulate_in_backward", "flat_buffers")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -74,7 +74,16 @@ def check_adamw_group(group, check_tensor_lr=True):
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    tensors = [isinstance(beta, torch.Tensor) for beta in betas]
+    if any(tensors) and not all(tensors):  # torch.optim.AdamW's rule
+        raise ValueError("betas must be either both floats or both Tensors")
     for index, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor):  # read on the host once per update (a CUDA tensor syncs)
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element")
+            if not check_tensor_lr:
+                continue  # per step: the value was checked when the group was added
+            beta = beta.item()
         value = _real_number(f"betas[{index}]", beta)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"Invalid beta parameter at index {index}: {beta}")

@@ -25,6 +25,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
     _STATE_KEYS = frozenset({"momentum_buffer"})
     _ELEMENT_KEYS = ("momentum_buffer",)
     _SLOT_KEYS = ("momentum_buffer", "momentum_initialized")
+    _LEGACY_GROUP_DEFAULTS = {"maximize": False, "nesterov": False}
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, accumulation_steps=1, max_grad_norm=None, norm_type=2.0, skip_nonfinite=True,
@@ -40,8 +41,15 @@ class FusedAccumSGD(FusedAccumOptimizer):
     def _check_group(self, group, check_tensor_lr=True):
         hp.check_sgd_group(group, check_tensor_lr)
 
+    def _required_slot_keys(self, group):
+        return self._SLOT_KEYS if group["momentum"] != 0 else ()  # torch.optim.SGD keeps no state then
+
     def _new_param_state(self, p, group, state):
-        # Zero-filled, flagged unwritten: torch.optim.SGD's first update stores d itself.
+        # Zero-filled, flagged unwritten: torch.optim.SGD's first update stores d itself. A buffer
+        # set the torch way (opt.state[p]["momentum_buffer"] = t) holds a written value.
+        if state.get("momentum_buffer") is not None:
+            return {} if "momentum_initialized" in state else {
+                "momentum_initialized": torch.ones((), dtype=torch.bool, device=p.device)}
         return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "momentum_initialized": torch.zeros((), dtype=torch.bool, device=p.device)}
 

@@ -12,9 +12,12 @@ FORMAT_VERSION = 1
 
 def export_state(opt, state_dict):
     """Rewrites Optimizer.state_dict()'s output into the torch rule's layout and adds the cycle state."""
-    states = {index: dict(state) for index, state in state_dict["state"].items()}  # unshare with opt.state
+    # Parameter entries (int keys) take the rule's layout; others (a hook's own keys) pass through, as in torch.
+    entries = state_dict["state"]
+    states = {index: dict(state) for index, state in entries.items() if _is_param_entry(index, state)}
     opt._pack_param_states(states, _read_flags)
-    state_dict["state"] = {index: state for index, state in states.items() if state}
+    others = {key: value for key, value in entries.items() if not _is_param_entry(key, value)}
+    state_dict["state"] = {**{index: state for index, state in states.items() if state}, **others}
     state_dict["gradfuse"] = {
         "format_version": FORMAT_VERSION,
         "accumulation_steps": opt.accumulation_steps,
@@ -25,6 +28,10 @@ def export_state(opt, state_dict):
         "last_grad_norm": None if opt.last_grad_norm is None else opt.last_grad_norm.clone(),
     }
     return state_dict
+
+
+def _is_param_entry(key, value):
+    return isinstance(key, int) and not isinstance(key, bool) and isinstance(value, dict)
 
 
 def _read_flags(flags):
@@ -67,11 +74,12 @@ def _validate(opt, state_dict):
     for g, (group, saved) in enumerate(zip(groups, saved_groups)):
         if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
             _fail(f"parameter group {g} has a different number of parameters than this optimizer's")
-        missing = [k for k in opt._GROUP_KEYS if k not in saved]
+        missing = [k for k in opt._GROUP_KEYS if k not in saved and k not in opt._LEGACY_GROUP_DEFAULTS]
         if missing:
             _fail(f"parameter group {g} lacks {missing}: this is not a torch.optim.{opt._RULE} / {opt._name} "
                   f"state dict")
-        candidate = dict(opt.defaults, **{k: v for k, v in saved.items() if k in opt.defaults})
+        candidate = {**opt.defaults, **opt._LEGACY_GROUP_DEFAULTS,
+                     **{k: v for k, v in saved.items() if k in opt.defaults}}
         try:
             opt._check_group(candidate)
         except (TypeError, ValueError) as error:
@@ -80,7 +88,9 @@ def _validate(opt, state_dict):
     if not isinstance(state, dict):
         _fail("'state' is not a dict")
     for index, entry in state.items():
-        if not isinstance(index, int) or not 0 <= index < len(params):
+        if not isinstance(index, int) or isinstance(index, bool):
+            continue  # not a parameter's entry (a state-dict hook's own key): passed through as torch does
+        if not 0 <= index < len(params):
             _fail(f"state has an entry for parameter {index!r}, but there are {len(params)} parameters")
         if not isinstance(entry, dict):
             _fail(f"state of parameter {index} is not a dict")
@@ -134,13 +144,17 @@ def import_state(opt, state_dict, base_load):
     except ValueError as invalid:  # _fail's, or a rule hook's
         raise ValueError(f"{opt._name}.load_state_dict: {invalid}") from None
     base = {"state": copy.copy(state_dict["state"]), "param_groups": state_dict["param_groups"]}
-    base["state"] = {i: {k: v for k, v in s.items() if v is not None} for i, s in base["state"].items()}
+    base["state"] = {i: ({k: v for k, v in s.items() if v is not None} if _is_param_entry(i, s) else s)
+                     for i, s in base["state"].items()}
     base_load(base)  # Optimizer.load_state_dict: casts buffers to each parameter's dtype and device
+    for group in opt.param_groups:  # keys torch added later (maximize, ...), filled as torch's __setstate__ does
+        for key, value in opt._LEGACY_GROUP_DEFAULTS.items():
+            group.setdefault(key, value)
     for p in opt._params:
         state = opt.state.get(p)
         if state:
             opt._unpack_loaded_state(p, state, _like_param)
-    opt._sync_state_cache()
+    opt._forget_flat_state()
     extra = state_dict.get("gradfuse")
     if extra is None:
         opt._restore_cycle(0, {})

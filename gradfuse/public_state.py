@@ -1,0 +1,90 @@
+"""torch.optim's public state is the truth: the update's state tensors are read from opt.state at
+every cycle's end, and an edit of opt.param_groups is noticed at the next step. Anything derived
+from them is checked cheaply (native identity passes) and rebuilt when they change."""
+import sys
+
+import torch
+
+from ._native import gather_param_state, same_objects
+from .distributed_norm import local_tensor
+
+
+def state_lists(opt, bucket_index, params, group, keys):
+    """[[opt.state[p][key] for p in params] for key in keys], creating what is missing with the
+    rule's _new_param_state (as torch.optim creates state lazily) and checking, for tensors not
+    seen at the last check, that each fits its parameter; raises before anything changes."""
+    lists, incomplete = gather_param_state(opt.state, params, list(keys))
+    if incomplete:
+        for i in incomplete:
+            p = params[i]
+            state = opt.state[p]
+            state.update(opt._new_param_state(p, group, state))
+        lists, incomplete = gather_param_state(opt.state, params, list(keys))
+    checked = opt._checked_state.get(bucket_index)
+    if checked is None or checked[0] != keys or not all(same_objects(a, b) for a, b in zip(lists, checked[1])):
+        for key, values in zip(keys, lists):
+            for i, (p, value) in enumerate(zip(params, values)):
+                fixed = _checked_value(opt, p, key, value, opt._ELEMENT_KEYS)
+                if fixed is not value:
+                    opt.state[p][key] = values[i] = fixed
+        opt._checked_state[bucket_index] = (keys, [list(values) for values in lists])
+    return lists
+
+
+def _checked_value(opt, p, key, value, element_keys):
+    """value if it can serve as parameter p's state[key]; a converted copy of a step count kept the
+    way torch keeps it (a Python number or a CPU tensor); else a ValueError naming the fix."""
+    index = next(i for i, q in enumerate(opt._params) if q is p)
+    where = f"{opt._name}: opt.state[p][{key!r}] of {opt._describe(index)}"
+    own = local_tensor(p)
+    if key in element_keys:
+        if not isinstance(value, torch.Tensor) or local_tensor(value).shape != own.shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{where} is {shape}, but the parameter has shape {tuple(own.shape)}; set a tensor "
+                             f"like the parameter, or reset the state with opt.state[p] = {{}}")
+        local = local_tensor(value)
+        if local.dtype != own.dtype or local.device != own.device:
+            raise ValueError(f"{where} is {local.dtype} on {local.device}, but the parameter is {own.dtype} on "
+                             f"{own.device}; set a tensor like the parameter, or reset the state with opt.state[p] = {{}}")
+        return value
+    if key == "step":
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.float32 \
+                and value.device == own.device:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)) or \
+                (isinstance(value, torch.Tensor) and value.numel() != 1):
+            raise ValueError(f"{where} must be a number or a 1-element tensor, got {value!r}")
+        return torch.tensor(float(value), dtype=torch.float32, device=own.device)  # where the update counts
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.device != own.device:
+        raise ValueError(f"{where} is {value!r}; reset the state with opt.state[p] = {{}}")
+    return value
+
+
+def param_groups_changed(opt):
+    """Whether opt.param_groups no longer lists the parameters the layout was built from (a group
+    added or removed by hand, params appended, removed or replaced)."""
+    groups, snapshot = opt.param_groups, opt._group_snapshot
+    if len(groups) != len(snapshot):
+        return True
+    for group, seen in zip(groups, snapshot):
+        params = group["params"]
+        if type(params) is not list or not same_objects(params, seen):
+            return True
+    return False
+
+
+def called_by_dcp_init():
+    """Whether step() was called by torch.distributed.checkpoint's optimizer-state initialisation
+    (a zero-gradient, lr=0 step that only creates state), found on the call stack."""
+    module = sys.modules.get("torch.distributed.checkpoint.state_dict")
+    init = getattr(module, "_init_optim_state", None)
+    if init is None:
+        return False
+    code, frame = init.__code__, sys._getframe(1)
+    for _ in range(12):  # step's decorators and torch's step hooks sit in between
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
