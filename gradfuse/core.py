@@ -17,6 +17,7 @@ from .backward_accumulation import BackwardAccumulation
 from .distributed_norm import all_reduce_norm_state_, is_dtensor, local_tensor, shard_groups
 from .flat_storage import FlatStorage, check_flat_params
 from .state_io import export_state, import_state
+from .tracked_state import TrackedState
 
 
 class _Bucket:
@@ -78,6 +79,7 @@ class FusedAccumOptimizer(Optimizer):
         self.process_group = hp.check_process_group(process_group)
         self._check_group(defaults)
         super().__init__(params, defaults)
+        self.state = TrackedState(self.state)  # torch's defaultdict(dict), counting its writes
         if hp.check_flag("accumulate_in_backward", accumulate_in_backward):
             if _distributed():
                 raise ValueError(f"{self._name}: accumulate_in_backward=True cannot run under torch.distributed: "

@@ -10,6 +10,7 @@ place at the start of a cycle and keeps it mid-cycle (set_to_none is ignored; ei
 the views again after a module.zero_grad()); every parameter is updated every cycle. Whatever breaks those rules is refused with an error naming the parameter."""
 import torch
 
+from . import public_state
 from ._native import FlatBinding, gather_param_state, same_objects
 from .distributed_norm import is_dtensor
 
@@ -89,6 +90,7 @@ class FlatStorage:
             self.states.append({})
             self.offsets.append(offsets)
         self.bound = [{} for _ in opt._buckets]  # per bucket: state key -> the per-parameter values bound
+        self.seen = [None] * len(opt._buckets)  # per bucket: (opt.state, its write count) when last checked
         for p, view in zip(opt._sorted, param_views):  # nothing below can fail: rebind the user's tensors
             p.data = view
         self.grad_views = grad_views  # each slot's .grad: the running sum of the cycle
@@ -134,17 +136,22 @@ class FlatStorage:
         here (reset or replaced the torch way) is flattened again from what opt.state holds."""
         opt, b = self.opt, self.opt._buckets[bi]
         entry, bound = self.states[bi], self.bound[bi]
-        current, _ = gather_param_state(opt.state, opt._sorted[b.start:b.stop], list(keys))
-        stale = [key for key, values in zip(keys, current) if key not in entry or not same_objects(values, bound[key])]
-        if stale:
-            for key in stale:
-                entry.pop(key, None)
-            self._create_state(bi, stale)
+        state = public_state.current_state(opt)
+        if not (all(key in entry for key in keys) and public_state.unchanged_since(opt, self.seen[bi])):
+            current, _ = gather_param_state(state, opt._sorted[b.start:b.stop], list(keys))
+            stale = [key for key, values in zip(keys, current)
+                     if key not in entry or not same_objects(values, bound[key])]
+            if stale:
+                for key in stale:
+                    entry.pop(key, None)
+                self._create_state(bi, stale)
+            self.seen[bi] = (state, state.writes)
         return [[entry[key]] for key in keys]
 
     def forget_state(self):
         """After load_state_dict: the loaded per-parameter state is flattened again on next use."""
         self.states = [{} for _ in self.states]
+        self.seen = [None] * len(self.states)
 
     @torch.no_grad()
     def _create_state(self, bi, keys):

@@ -7,27 +7,44 @@ import torch
 
 from ._native import gather_param_state, same_objects
 from .distributed_norm import local_tensor
+from .tracked_state import TrackedState, tracked
+
+
+def current_state(opt):
+    """opt.state, made a TrackedState again if torch's load_state_dict or a user replaced it."""
+    if type(opt.state) is not TrackedState:
+        opt.state = tracked(opt.state)
+    return opt.state
+
+
+def unchanged_since(opt, seen):
+    """Whether opt.state is the object, at the write count, recorded in seen ((state, writes) or None)."""
+    return seen is not None and seen[0] is opt.state and seen[1] == opt.state.writes
 
 
 def state_lists(opt, bucket_index, params, group, keys):
     """[[opt.state[p][key] for p in params] for key in keys], creating what is missing with the
     rule's _new_param_state (as torch.optim creates state lazily) and checking, for tensors not
-    seen at the last check, that each fits its parameter; raises before anything changes."""
-    lists, incomplete = gather_param_state(opt.state, params, list(keys))
+    seen at the last check, that each fits its parameter; raises before anything changes. Read
+    anew only when opt.state was written since the last call (its write counter moved)."""
+    state = current_state(opt)
+    checked = opt._checked_state.get(bucket_index)
+    if checked is not None and checked[0] == keys and unchanged_since(opt, checked[2]):
+        return checked[1]
+    lists, incomplete = gather_param_state(state, params, list(keys))
     if incomplete:
         for i in incomplete:
             p = params[i]
-            state = opt.state[p]
-            state.update(opt._new_param_state(p, group, state))
+            entry = state[p]
+            entry.update(opt._new_param_state(p, group, entry))
         lists, incomplete = gather_param_state(opt.state, params, list(keys))
-    checked = opt._checked_state.get(bucket_index)
     if checked is None or checked[0] != keys or not all(same_objects(a, b) for a, b in zip(lists, checked[1])):
         for key, values in zip(keys, lists):
             for i, (p, value) in enumerate(zip(params, values)):
                 fixed = _checked_value(opt, p, key, value, opt._ELEMENT_KEYS)
                 if fixed is not value:
-                    opt.state[p][key] = values[i] = fixed
-        opt._checked_state[bucket_index] = (keys, [list(values) for values in lists])
+                    state[p][key] = values[i] = fixed
+    opt._checked_state[bucket_index] = (keys, lists, (state, state.writes))
     return lists
 
 

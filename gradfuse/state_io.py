@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from .distributed_norm import local_tensor
+from .distributed_norm import DTensor, is_dtensor, local_tensor
 
 FORMAT_VERSION = 1
 
@@ -27,7 +27,63 @@ def export_state(opt, state_dict):
         "skipped_steps": opt.skipped_steps.clone(),
         "last_grad_norm": None if opt.last_grad_norm is None else opt.last_grad_norm.clone(),
     }
+    _spread_cycle(opt, state_dict)
     return state_dict
+
+
+# Mid-cycle, the open cycle also lives where torch.distributed.checkpoint keeps it (DCP keeps only
+# 'state' and 'param_groups'): each running sum in its parameter's state entry, the position in
+# every group. Loading strips them again; the top-level 'gradfuse' entry wins where both exist.
+ACCUMULATOR_KEY, MICRO_STEP_KEY, CYCLE_LENGTH_KEY = "gradfuse_accumulator", "gradfuse_micro_step", \
+    "gradfuse_accumulation_steps"
+
+
+def _spread_cycle(opt, state_dict):
+    extra = state_dict["gradfuse"]
+    if extra["micro_step"] == 0:
+        return
+    for index, acc in extra["accumulators"].items():
+        state_dict["state"].setdefault(index, {})[ACCUMULATOR_KEY] = _like_sharding(acc, opt._params[index])
+    for group in state_dict["param_groups"]:
+        group[MICRO_STEP_KEY], group[CYCLE_LENGTH_KEY] = extra["micro_step"], extra["accumulation_steps"]
+
+
+def _like_sharding(acc, param):
+    """A DTensor parameter's running sum as a DTensor sharded like it (what DCP saves per shard)."""
+    if not is_dtensor(param):
+        return acc
+    return DTensor.from_local(acc, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
+def _gather_cycle(opt, state_dict):
+    """state_dict with the spread cycle entries taken out; a top-level 'gradfuse' entry built from
+    them when it is missing (a DCP round trip)."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), (list, tuple)):
+        return state_dict
+    groups = [dict(g) if isinstance(g, dict) else g for g in state_dict["param_groups"]]
+    positions = {(g.pop(MICRO_STEP_KEY, None), g.pop(CYCLE_LENGTH_KEY, None)) for g in groups if isinstance(g, dict)}
+    entries = state_dict.get("state")
+    if not isinstance(entries, dict):
+        return state_dict
+    accumulators, state = {}, {}
+    for index, entry in entries.items():
+        if _is_param_entry(index, entry) and ACCUMULATOR_KEY in entry:
+            entry = dict(entry)
+            accumulators[index] = local_tensor(entry.pop(ACCUMULATOR_KEY))
+            if not entry:
+                continue  # the entry held only the running sum
+        state[index] = entry
+    result = dict(state_dict, param_groups=groups, state=state)
+    positions.discard((None, None))
+    if "gradfuse" not in state_dict and positions:
+        if len(positions) != 1:
+            _fail(f"the parameter groups disagree on the cycle's position {sorted(positions, key=str)}")
+        micro_step, cycle_length = positions.pop()
+        result["gradfuse"] = {"format_version": FORMAT_VERSION, "accumulation_steps": cycle_length,
+                              "micro_step": micro_step, "accumulators": accumulators,
+                              "skipped_steps": opt.skipped_steps.clone(), "last_grad_norm": opt.last_grad_norm}
+    return result
 
 
 def _is_param_entry(key, value):
@@ -138,8 +194,32 @@ def _like_param(value, param):
     return torch.empty_like(param).copy_(value)
 
 
+def _by_position(state_dict):
+    """state_dict with its parameters named by position (0, 1, ... over the groups), as torch's
+    load_state_dict maps them: saved ids may be any keys (torch.distributed.checkpoint uses
+    fully qualified names); state entries under other keys pass through."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), (list, tuple)) \
+            or not isinstance(state_dict.get("state"), dict):
+        return state_dict
+    groups = state_dict["param_groups"]
+    saved = [key for g in groups if isinstance(g, dict) for key in g.get("params", ())]
+    if all(isinstance(k, int) and not isinstance(k, bool) for k in saved):
+        return state_dict
+    position = {key: i for i, key in enumerate(saved)}
+    renamed, start = [], 0
+    for g in groups:
+        if isinstance(g, dict):
+            count = len(g.get("params", ()))
+            g = dict(g, params=list(range(start, start + count)))
+            start += count
+        renamed.append(g)
+    state = {position.get(key, key): entry for key, entry in state_dict["state"].items()}
+    return dict(state_dict, param_groups=renamed, state=state)
+
+
 def import_state(opt, state_dict, base_load):
     try:
+        state_dict = _gather_cycle(opt, _by_position(state_dict))
         _validate(opt, state_dict)
     except ValueError as invalid:  # _fail's, or a rule hook's
         raise ValueError(f"{opt._name}.load_state_dict: {invalid}") from None
