@@ -126,9 +126,12 @@ class FlatBinding {
     }
     const int64_t bumps = static_cast<int64_t>(versions_[i] - last_versions_[i]);
     if (bumps > max_bumps) {
-      return "had its .grad (the cycle's running sum) changed in place between micro-steps, beyond autograd's "
-             "add (module.zero_grad(set_to_none=False), or a framework's gradient clipping or unscaling?); clip "
-             "with max_grad_norm= and zero with optimizer.zero_grad()";
+      return "had its .grad (the cycle's running sum) changed more than once since the last step(): two "
+             "backward passes before one step() (retain_graph=True, a module run twice under reentrant "
+             "checkpointing), which flat_buffers=True cannot tell from an in-place change, or an in-place change "
+             "(module.zero_grad(set_to_none=False), a framework's gradient clipping or unscaling). Call step() "
+             "after each backward, or use flat_buffers=False; clip with max_grad_norm= and zero with "
+             "optimizer.zero_grad()";
     }
     if (end_of_cycle && touched_[i] == 0 && bumps == 0) {
       return "received no gradient in this accumulation cycle; flat_buffers=True updates every parameter every "

@@ -2,6 +2,8 @@
 autograd has produced it (a post-accumulate-grad hook) and .grad is freed at once, so an open
 cycle holds the accumulators plus about one layer's gradient instead of the accumulators plus
 every parameter's .grad. step() still marks each micro-batch (it finds no .grad left to take)."""
+import weakref
+
 import torch
 
 from . import direct_ops, gradient_codes
@@ -9,11 +11,19 @@ from .distributed_norm import is_dtensor
 
 
 class BackwardAccumulation:
-    """The hooks of one optimizer, registered on every parameter of its current layout."""
+    """The hooks of one optimizer, registered on every parameter of its current layout that
+    requires grad (a frozen one, once unfrozen, is read from .grad at step() as usual). The hooks
+    hold the optimizer weakly and are removed when it is collected, or by remove()."""
 
     def __init__(self, opt):
-        self.opt = opt
+        self._opt = weakref.ref(opt)
         self.handles = []
+        self.pending = False  # a gradient went into the sums since the last step(): zero_grad cannot undo it
+        weakref.finalize(opt, _remove_all, self.handles)
+
+    @property
+    def opt(self):
+        return self._opt()
 
     def attach(self):
         """(Re)registers a hook per parameter slot; called whenever the layout changes."""
@@ -23,18 +33,20 @@ class BackwardAccumulation:
             if is_dtensor(p):
                 raise ValueError(f"{opt._name}: accumulate_in_backward=True does not support DTensor (FSDP2) "
                                  f"parameters: FSDP2 produces their gradients itself; use the default mode")
-            self.handles.append(p.register_post_accumulate_grad_hook(self._hook_for(k)))
+            if p.requires_grad:  # torch accepts frozen parameters; autograd gives them no gradient
+                self.handles.append(p.register_post_accumulate_grad_hook(self._hook_for(k)))
 
     def detach(self):
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        _remove_all(self.handles)
 
     def _hook_for(self, k):
         bucket = next(bi for bi, b in enumerate(self.opt._buckets) if b.start <= k < b.stop)
+        owner = weakref.ref(self)
 
         def hook(param):
-            self.add(k, bucket, param)
+            accumulation = owner()
+            if accumulation is not None and accumulation.opt is not None:
+                accumulation.add(k, bucket, param)
         return hook
 
     @torch.no_grad()
@@ -48,6 +60,7 @@ class BackwardAccumulation:
                                f"gradient of shape {tuple(grad.shape)}; accumulate_in_backward=True needs dense "
                                f"gradients shaped and typed like their parameters")
         param.grad = None  # freed now: the point of this mode
+        self.pending = True
         code = gradient_codes.code_for(grad, param)
         if code == gradient_codes.RELAYOUT:
             grad = torch.empty_like(param).copy_(grad)  # the kernels sweep both as flat memory
@@ -65,3 +78,9 @@ class BackwardAccumulation:
         else:
             direct_ops.accumulate_([acc], [grad], 1.0, False, None, opt.norm_type)
         opt._had_gradient = True
+
+
+def _remove_all(handles):
+    for handle in handles:
+        handle.remove()
+    handles.clear()

@@ -282,6 +282,11 @@ class FusedAccumOptimizer(Optimizer):
         flat_buffers=True the flat gradient buffers are zeroed in place when a cycle starts
         (micro_step == 0) and kept mid-cycle (.grad holds the running sum); either way every .grad
         is bound to its view again (after a module.zero_grad())."""
+        if self._backward is not None and self._backward.pending:
+            raise RuntimeError(f"{self._name}: a backward pass since the last step() already added its gradients "
+                               f"to the running sums (accumulate_in_backward=True frees .grad as it goes), so "
+                               f"zero_grad() cannot discard them. Call step() after every backward you keep; to "
+                               f"drop a batch, skip its backward, or use accumulate_in_backward=False")
         if self._flat is not None:
             if self._micro_step == 0:
                 self._flat.zero_grads()
@@ -381,6 +386,13 @@ class FusedAccumOptimizer(Optimizer):
         return [local_tensor(p) for p in params] if self._has_sharded else params
 
     # ------------------------------------------------------------------ step
+    def remove_backward_hooks(self):
+        """accumulate_in_backward=True: removes the optimizer's hooks from the parameters (also done
+        when the optimizer is collected); it then reads .grad at step() like the default mode."""
+        if self._backward is not None:
+            self._backward.detach()
+            self._backward = None
+
     @torch.compiler.disable  # always eager: one documented graph break, the state lives in Python
     @torch.no_grad()
     def step(self, closure=None):
@@ -421,6 +433,8 @@ class FusedAccumOptimizer(Optimizer):
             primary = self.skipped_steps.device
             self._norm_state(primary)[1:].add_(found_inf.reshape(1).to(device=primary, dtype=torch.float64))
         self._accumulate(grads, codes, boundary, amp_scale)
+        if self._backward is not None:
+            self._backward.pending = False  # this micro-batch is taken: zero_grad() may follow
         if boundary:
             self._finish_cycle()
         else:

@@ -254,7 +254,8 @@ def _assert_unchanged(params, opt, snap):
     ("none_then_backward", "not its view of the flat gradient buffer"),
     ("rebind_data", "no longer lives in the optimizer's flat parameter buffer"),
     ("replace_grad", "not its view of the flat gradient buffer"),
-    ("zero_in_place", "changed in place between micro-steps"),
+    ("zero_in_place", "changed more than once since the last step"),
+    ("two_backwards", "two backward passes before one step"),
     ("freeze", "no longer requires grad"),
     ("no_gradient", "received no gradient in this accumulation cycle"),
 ])
@@ -274,6 +275,8 @@ def test_flat_misuse_raises_before_anything_changes(misuse, message):
         params[3].grad = params[3].grad.clone()
     elif misuse == "freeze":
         params[3].requires_grad_(False)
+    elif misuse == "two_backwards":  # retain_graph / a block run twice: two adds before one step()
+        _backward(live, [randn(p.shape, p.dtype, "cpu", gen) for p in live])
     if misuse not in ("replace_grad", "freeze"):
         _backward(live, [randn(p.shape, p.dtype, "cpu", gen) for p in live])
     snap = _snapshot(params, opt)

@@ -334,3 +334,48 @@ def test_dcp_state_dict_round_trip_resumes_bit_identically(rule, cut, flat):
     for p, q in zip(model.parameters(), resumed.parameters()):
         assert_bitwise(p.detach(), q.detach(), "resumed through DCP's state dicts")
     assert all("gradfuse_accumulator" not in s for s in opt2.state.values() if isinstance(s, dict))
+
+
+# ------------------------------------------------------------------ accumulate_in_backward
+def test_backward_hooks_go_with_the_optimizer_and_on_request():
+    import gc
+    model = torch.nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=F64)
+    opt = FusedAccumSGD(model.parameters(), lr=0.1, accumulate_in_backward=True)
+    model(x).sum().backward()
+    assert model.weight.grad is None, "the hook takes the gradient"
+    opt.step()
+    opt.zero_grad()
+    del opt
+    gc.collect()
+    model(x).sum().backward()
+    assert model.weight.grad is not None, "a collected optimizer's hooks must be gone"
+    model.zero_grad()
+    opt = FusedAccumSGD(model.parameters(), lr=0.1, accumulate_in_backward=True)
+    opt.remove_backward_hooks()
+    model(x).sum().backward()
+    assert model.weight.grad is not None
+    before = model.weight.detach().clone()
+    opt.step()  # reads .grad like the default mode
+    assert not torch.equal(model.weight, before)
+
+
+def test_zero_grad_cannot_discard_a_gradient_already_summed_in_backward():
+    model = torch.nn.Linear(3, 2).double()
+    opt = FusedAccumSGD(model.parameters(), lr=0.1, accumulation_steps=2, accumulate_in_backward=True)
+    opt.zero_grad()  # before any backward: fine
+    model(torch.randn(4, 3, dtype=F64)).sum().backward()
+    with pytest.raises(RuntimeError, match="cannot discard"):
+        opt.zero_grad()
+    opt.step()
+    opt.zero_grad()  # after step(): fine
+
+
+def test_frozen_parameters_are_accepted_in_backward_mode_like_torch():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)).double()
+    model[0].weight.requires_grad_(False)
+    opt = FusedAccumSGD(model.parameters(), lr=0.1, accumulate_in_backward=True)
+    frozen = model[0].weight.detach().clone()
+    model(torch.randn(4, 3, dtype=F64)).sum().backward()
+    opt.step()
+    assert torch.equal(model[0].weight, frozen)
