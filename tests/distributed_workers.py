@@ -1,7 +1,6 @@
 """Process bodies of the multi-process tests (gloo, CPU): each trains a small float64 model with
 FusedAccumSGD under a real torch.distributed wrapper and checks it against a single-process run
 of the full model on the concatenated batch, inside every rank. Failures raise in the rank."""
-import os
 
 import torch
 import torch.distributed as dist
@@ -248,9 +247,11 @@ def ddp_grad_scaler(rank, ranks, growth_interval):
         check_close(params, expected, "DDP + GradScaler", tol=1e-5)
 
 
-def resume_mid_cycle(rank, ranks, wrapper):
+def resume_mid_cycle(rank, ranks, wrapper, via="state_dict"):
     """A per-rank checkpoint after micro-step K-1 (accumulators handed back as .grad) resumes
-    bit-identically under DDP + no_sync, or FSDP2 (sharded accumulators)."""
+    bit-identically under DDP + no_sync, or FSDP2 (sharded accumulators); via "dcp", through
+    torch.distributed.checkpoint's get_state_dict / set_state_dict (fully qualified names, only
+    'state' and 'param_groups' kept, DTensor state under FSDP2)."""
     batches = micro_batches()
 
     def build():
@@ -281,11 +282,22 @@ def resume_mid_cycle(rank, ranks, wrapper):
     opt = FusedAccumSGD(wrapped.parameters(), **HYPER)
     cut = K + K - 1
     train(model, wrapped, opt, batches[:cut])
-    saved = {"model": {k: v.clone() for k, v in wrapped.state_dict().items()}, "opt": opt.state_dict()}
-    model, wrapped = build()
-    wrapped.load_state_dict(saved["model"])
-    opt = FusedAccumSGD(wrapped.parameters(), **HYPER)
-    opt.load_state_dict(saved["opt"])
+    if via == "dcp":
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_sd, optim_sd = get_state_dict(wrapped, opt)
+        if set(optim_sd) != {"state", "param_groups"}:
+            raise AssertionError(f"DCP's optimizer state dict has keys {sorted(optim_sd)}")
+        model, wrapped = build()
+        opt = FusedAccumSGD(wrapped.parameters(), **HYPER)
+        set_state_dict(wrapped, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        if opt.micro_step != K - 1:
+            raise AssertionError(f"DCP resume: micro_step {opt.micro_step}, expected {K - 1}")
+    else:
+        saved = {"model": {k: v.clone() for k, v in wrapped.state_dict().items()}, "opt": opt.state_dict()}
+        model, wrapped = build()
+        wrapped.load_state_dict(saved["model"])
+        opt = FusedAccumSGD(wrapped.parameters(), **HYPER)
+        opt.load_state_dict(saved["opt"])
     train(model, wrapped, opt, batches[cut:])
     for i, (a, b) in enumerate(zip(wrapped.parameters(), straight)):
         a, b = (t.to_local() if hasattr(t, "to_local") else t for t in (a.detach(), b))
@@ -293,15 +305,15 @@ def resume_mid_cycle(rank, ranks, wrapper):
             raise AssertionError(f"{wrapper}: parameter {i} after a mid-cycle resume differs from the straight run")
 
 
-def entry(rank, ranks, port, scenario, args, backend="gloo"):
-    """torch.multiprocessing.spawn target: joins the process group, runs one scenario."""
+def entry(rank, ranks, store, scenario, args, backend="gloo"):
+    """torch.multiprocessing.spawn target: joins the process group (through the file store
+    `store`, a file:// address), runs one scenario."""
     global DEVICE
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)  # several ranks share two cores
     if backend == "nccl":
         torch.cuda.set_device(rank)
         DEVICE = torch.device("cuda", rank)
-    dist.init_process_group(backend, rank=rank, world_size=ranks)
+    dist.init_process_group(backend, init_method=store, rank=rank, world_size=ranks)
     try:
         globals()[scenario](rank, ranks, *args)
         dist.barrier()
