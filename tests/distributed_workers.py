@@ -40,19 +40,10 @@ def rank_rows(batch, rank, ranks):
     return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
 
 
-def reference_params(batches, rule="sgd", **hyper):
-    """Single-process FusedAccumSGD on the full model and the concatenated micro-batches."""
-    model = make_model()
-    cls, defaults = RULES[rule]
-    opt = cls(model.parameters(), **dict(defaults, **hyper))
-    norms = []
-    for x, y in batches:
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        if opt.micro_step == 0:
-            norms.append(float(opt.last_grad_norm))
-    return [p.detach().clone() for p in model.parameters()], norms
+def reference_params(batches, rule="sgd"):
+    """The independent reference of every scenario (no gradfuse, so no hand-back path shared with
+    the run under test): torch's optimizer on the full model and the concatenated micro-batches."""
+    return torch_reference(batches, RULES[rule][1]["max_grad_norm"], rule)
 
 
 def check_close(actual, expected, what, tol=1e-10):
@@ -208,43 +199,71 @@ def manual_sharding(rank, ranks):
         raise AssertionError(f"sharded norms {norms} != full-model norms {expected_norms}")
 
 
-def ddp_grad_scaler(rank, ranks, growth_interval):
-    """DDP + no_sync + torch.amp.GradScaler: the handed-back sum goes back scaled; a cycle whose
-    scale grew between its last two micro-batches is skipped (the two parts carry different scales)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    def run(distributed):
-        model = make_model().float()
-        wrapped = DDP(model) if distributed else model
-        opt = FusedAccumSGD(wrapped.parameters(), **HYPER)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=growth_interval)
-        scales, grown_at_boundary = [], 0
-        for batch in micro_batches():
-            x, y = (t.float() for t in (rank_rows(batch, rank, ranks) if distributed else batch))
-            last = opt.sync_gradients
-            if distributed and not last:
-                with wrapped.no_sync():
-                    scaler.scale(nn.functional.mse_loss(wrapped(x), y)).backward()
-            else:
-                scaler.scale(nn.functional.mse_loss(wrapped(x), y)).backward()
-            scale_before = scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
+def torch_reference(batches, max_grad_norm, rule="sgd"):
+    """Independent of gradfuse and of the process group: torch.optim.SGD / AdamW on the full float64
+    model, each cycle's micro-batch gradients summed by hand and divided by K, clip_grad_norm_ (or
+    only the norm, with max_grad_norm None). Returns the parameters and each cycle's norm."""
+    model = make_model()
+    params = list(model.parameters())
+    hyper = {k: v for k, v in RULES[rule][1].items() if k not in ("accumulation_steps", "max_grad_norm")}
+    opt = (torch.optim.SGD if rule == "sgd" else torch.optim.AdamW)(params, **hyper)
+    norms, sums = [], None
+    for t, (x, y) in enumerate(batches):
+        grads = torch.autograd.grad(nn.functional.mse_loss(model(x), y), params)
+        sums = list(grads) if sums is None else [a + g for a, g in zip(sums, grads)]
+        if (t + 1) % K == 0:
+            for p, total in zip(params, sums):
+                p.grad = total / K
+            limit = float("inf") if max_grad_norm is None else max_grad_norm
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, limit)))
+            opt.step()
             opt.zero_grad()
-            if last and scales and scales[-1] != scale_before:  # K-1 and K ran at different scales
-                grown_at_boundary += 1
-            scales.append(scale_before)
-        return [p.detach() for p in wrapped.parameters()], int(opt.skipped_steps), grown_at_boundary
+            sums = None
+    return [p.detach().clone() for p in params], norms
 
-    params, skipped, grown = run(True)
+
+def ddp_grad_scaler(rank, ranks, growth_interval, max_grad_norm=HYPER["max_grad_norm"]):
+    """DDP + no_sync + torch.amp.GradScaler: the handed-back sum goes back scaled; a cycle whose
+    scale grew between its last two micro-batches is skipped (the two parts carry different scales).
+    The scale starts at 1536 (not a power of two, so multiplying by it and by its reciprocal can't
+    round alike); without growth, parameters and every cycle's norm are checked against
+    torch_reference (no gradfuse, no process group), also with clipping off."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = make_model().float()
+    wrapped = DDP(model)
+    opt = FusedAccumSGD(wrapped.parameters(), **dict(HYPER, max_grad_norm=max_grad_norm))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1536.0, growth_interval=growth_interval)
+    scales, grown_at_boundary, norms = [], 0, []
+    for batch in micro_batches():
+        x, y = (t.float() for t in rank_rows(batch, rank, ranks))
+        last = opt.sync_gradients
+        if not last:
+            with wrapped.no_sync():
+                scaler.scale(nn.functional.mse_loss(wrapped(x), y)).backward()
+        else:
+            scaler.scale(nn.functional.mse_loss(wrapped(x), y)).backward()
+        scale_before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if last:
+            norms.append(float(opt.last_grad_norm))
+            if scales and scales[-1] != scale_before:  # K-1 and K ran at different scales
+                grown_at_boundary += 1
+        scales.append(scale_before)
+    params, skipped = [p.detach() for p in wrapped.parameters()], int(opt.skipped_steps)
     check_same_on_every_rank(params, "DDP + GradScaler")
-    if skipped != grown:
-        raise AssertionError(f"{skipped} cycles skipped; the scale grew inside {grown} cycles' last micro-batch")
-    if growth_interval < K and grown == 0:
+    if skipped != grown_at_boundary:
+        raise AssertionError(f"{skipped} cycles skipped; the scale grew inside {grown_at_boundary} cycles' last "
+                             f"micro-batch")
+    if growth_interval < K and grown_at_boundary == 0:
         raise AssertionError("the scale never grew inside a cycle: the case under test did not happen")
-    if grown == 0:
-        expected, _, _ = run(False)
-        check_close(params, expected, "DDP + GradScaler", tol=1e-5)
+    if grown_at_boundary == 0:
+        expected, expected_norms = torch_reference(micro_batches(), max_grad_norm)
+        check_close([p.double() for p in params], expected, "DDP + GradScaler", tol=1e-5)
+        for cycle, (got, want) in enumerate(zip(norms, expected_norms)):
+            if not abs(got - want) <= 1e-5 * want:
+                raise AssertionError(f"DDP + GradScaler: cycle {cycle}'s last_grad_norm {got} != torch's {want}")
 
 
 def resume_mid_cycle(rank, ranks, wrapper, via="state_dict"):

@@ -66,9 +66,10 @@ def test_fsdp2_flat_buffers_refused():
     spawn(2, "fsdp2_flat_buffers_refused")
 
 
-@pytest.mark.parametrize("growth_interval", [1000, 3], ids=["steady_scale", "scale_grows"])
-def test_ddp_no_sync_with_grad_scaler(growth_interval):
-    spawn(2, "ddp_grad_scaler", growth_interval)
+@pytest.mark.parametrize("growth_interval,max_grad_norm", [(1000, 0.05), (1000, None), (3, 0.05)],
+                         ids=["steady_scale", "steady_scale-no_clip", "scale_grows"])
+def test_ddp_no_sync_with_grad_scaler(growth_interval, max_grad_norm):
+    spawn(2, "ddp_grad_scaler", growth_interval, max_grad_norm)
 
 
 def test_ddp_without_no_sync_stays_correct(backend):
