@@ -7,9 +7,6 @@ Every test skips cleanly on a machine without a GPU or with a CPU-only build.
 (CUDA against the float64 reference for every dtype, with random configurations, is already
 covered by test_optimizer.py / test_properties.py through the `device` fixture.)"""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ import torch
 import harness
 import reference as ref
 from data import generator, randn, requires_cuda
+from fresh_process import run_lazy_cuda_script
 from gradfuse import FusedAccumSGD, ops
 from tolerances import assert_bitwise, assert_close, assert_scalar_close
 
@@ -564,12 +562,7 @@ print("first use in capture: ok")
 def test_first_use_of_the_kernels_is_inside_a_graph_capture():
     # A fresh process with lazy module loading: the kernels are loaded (and their occupancy
     # queried) during capture, which global capture mode forbids unless done in relaxed mode.
-    env = dict(os.environ, CUDA_MODULE_LOADING="LAZY",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                           os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", FIRST_USE_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert run.returncode == 0 and "ok" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
+    run_lazy_cuda_script(FIRST_USE_SCRIPT)
 
 
 # ------------------------------------------------------------------ 10. 64-bit indexing

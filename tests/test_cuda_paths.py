@@ -5,14 +5,12 @@ norm over more than one full table, AdamW lists misaligned against each other, A
 inside graph capture, GradScaler with FusedAccumAdamW, and update kernels past 2^31 elements.
 Every test skips cleanly without a GPU or with a CPU-only build."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from data import randn, requires_cuda
+from fresh_process import run_lazy_cuda_script
 from gradfuse import FusedAccumAdamW, ops
 from tolerances import assert_bitwise, assert_close, assert_scalar_close
 
@@ -192,12 +190,7 @@ print("adamw first use in capture: ok")
 
 
 def test_adamw_first_used_inside_graph_capture_then_replayed_equals_eager():
-    env = dict(os.environ, CUDA_MODULE_LOADING="LAZY",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                           os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", ADAMW_CAPTURE_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert run.returncode == 0 and "ok" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
+    run_lazy_cuda_script(ADAMW_CAPTURE_SCRIPT)
 
 
 @pytest.mark.parametrize("k", [1, 3])
