@@ -13,7 +13,8 @@ from .distributed_norm import is_dtensor
 class BackwardAccumulation:
     """The hooks of one optimizer, registered on every parameter of its current layout that
     requires grad (a frozen one, once unfrozen, is read from .grad at step() as usual). The hooks
-    hold the optimizer weakly and are removed when it is collected, or by remove()."""
+    hold the optimizer weakly and are removed when it is collected, or by
+    FusedAccumOptimizer.remove_backward_hooks()."""
 
     def __init__(self, opt):
         self._opt = weakref.ref(opt)

@@ -41,4 +41,3 @@ def restore(opt, extra):
 
 def is_copy_state(state):
     return isinstance(state, dict) and isinstance(state.get("gradfuse"), dict) and "settings" in state["gradfuse"]
-

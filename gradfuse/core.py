@@ -202,17 +202,14 @@ class FusedAccumOptimizer(Optimizer):
         """param_groups was edited by hand (params appended, removed or replaced, a group added or
         removed): the new groups are checked as add_param_group checks them, then the layout is
         rebuilt; running sums of parameters still present carry over."""
-        for g, group in enumerate(self.param_groups):
+        lists = [_as_param_list(group["params"]) for group in self.param_groups]
+        for g, (group, params) in enumerate(zip(self.param_groups, lists)):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)  # as add_param_group fills a group's defaults
-            params = group["params"]
-            params = [params] if isinstance(params, torch.Tensor) else list(params)
-            earlier = [p for other in self.param_groups[:g] for p in other["params"]]
-            self._check_group_params(params, earlier, f"param_groups[{g}]")
+            self._check_group_params(params, [p for earlier in lists[:g] for p in earlier], f"param_groups[{g}]")
             hp.check_not_optimizer_wide(group, self._name)
-        for group in self.param_groups:
-            if type(group["params"]) is not list:
-                group["params"] = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+        for group, params in zip(self.param_groups, lists):
+            group["params"] = params
         self._rebuild_layout()
 
     def _rebuild_layout(self):
@@ -796,6 +793,13 @@ class FusedAccumOptimizer(Optimizer):
         """Loads this optimizer's or the matching torch optimizer's state dict; everything is
         validated first."""
         import_state(self, state_dict, super().load_state_dict)
+
+
+def _as_param_list(params):
+    # A group's params as the list torch.optim keeps (the same list object when it already is one).
+    if type(params) is list:
+        return params
+    return [params] if isinstance(params, torch.Tensor) else list(params)
 
 
 def _split_named(params):

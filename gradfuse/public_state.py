@@ -62,7 +62,8 @@ def _checked_value(opt, p, key, value, element_keys):
         local = local_tensor(value)
         if local.dtype != own.dtype or local.device != own.device:
             raise ValueError(f"{where} is {local.dtype} on {local.device}, but the parameter is {own.dtype} on "
-                             f"{own.device}; set a tensor like the parameter, or reset the state with opt.state[p] = {{}}")
+                             f"{own.device}; set a tensor like the parameter, or reset the state with "
+                             f"opt.state[p] = {{}}")
         return value
     if key == "step":
         if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.float32 \
