@@ -23,7 +23,11 @@ py::tuple gather_param_state(const py::dict& state, const py::list& params, cons
     names.push_back(py::reinterpret_steal<py::object>(PyUnicode_InternFromString(k.c_str())));
   }
   const size_t n = params.size();
-  py::list lists(keys.size());
+  // Filled with PyList_SET_ITEM, which assumes empty slots: lists made by PyList_New, not py::list(n).
+  auto lists = py::reinterpret_steal<py::list>(PyList_New(static_cast<Py_ssize_t>(keys.size())));
+  if (!lists) {
+    throw py::error_already_set();
+  }
   std::vector<PyObject*> raw(keys.size());
   for (size_t j = 0; j < keys.size(); ++j) {
     PyObject* list = PyList_New(static_cast<Py_ssize_t>(n));
