@@ -16,6 +16,7 @@ from ._native import GradientInspector, first_modified, inspect_parameters
 from .backward_accumulation import BackwardAccumulation
 from .distributed_norm import all_reduce_norm_state_, is_dtensor, local_tensor, shard_groups
 from .flat_storage import FlatStorage, check_flat_params
+from .per_cycle import note_learning_rates
 from .state_io import export_state, import_state
 from .tracked_state import TrackedState
 
@@ -102,6 +103,8 @@ class FusedAccumOptimizer(Optimizer):
         self._unused_norm: Dict[torch.device, torch.Tensor] = {}  # stands in when no norm is needed
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._skipped_steps: Optional[torch.Tensor] = None
+        self.cycles_completed = 0  # updates (cycle ends, skipped or not) since construction: PerCycle counts them
+        self._cycle_lrs, self._warned_lr_change = [], False
 
     def __getstate__(self):
         # torch.optim pickles defaults, state and param_groups; a copy also needs K, the clip and the cycle.
@@ -406,6 +409,7 @@ class FusedAccumOptimizer(Optimizer):
             self._adopt_edited_param_groups()
         for group in self.param_groups:
             self._check_group(group, check_tensor_lr=False)
+        note_learning_rates(self)
         if self._flat is not None:
             self._step_flat()
             return loss
@@ -639,6 +643,7 @@ class FusedAccumOptimizer(Optimizer):
         return self.max_grad_norm is not None or self._skips_nonfinite() or self.error_if_nonfinite
 
     def _finish_cycle(self):
+        self.cycles_completed += 1
         if not self._had_gradient and not getattr(self, "_warned_empty_cycle", False):
             self._warned_empty_cycle = True
             warnings.warn(f"{self._name}: {_NO_GRADIENT}", stacklevel=3)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 L = pytest.importorskip("lightning")
 
-from gradfuse import FusedAccumSGD  # noqa: E402
+from gradfuse import FusedAccumSGD, PerCycle  # noqa: E402
 from problems import BATCH, BATCHES, make_client_problem as make_problem  # noqa: E402
 from problems import CLIENT_OPT as OPT  # noqa: E402
 from tolerances import assert_bitwise  # noqa: E402
@@ -158,3 +158,33 @@ def test_lightning_ddp_gradient_clip_val_with_k_above_1_raises(gen):
     # the sum, so gradfuse refuses it, naming the fix.
     with pytest.raises(Exception, match="clip with max_grad_norm="):
         fit(net, data, dict(OPT, accumulation_steps=3), gradient_clip_val=0.3, devices=2, strategy="ddp_spawn")
+
+
+class ScheduledModule(Module):
+    """configure_optimizers with a StepLR stepped by Lightning after every step() ("interval":
+    "step"), wrapped in gradfuse.PerCycle so that it advances once per update."""
+
+    def configure_optimizers(self):
+        self.opt = FusedAccumSGD(self.net.parameters(), **self.opt_kwargs)
+        scheduler = PerCycle(torch.optim.lr_scheduler.StepLR(self.opt, step_size=1, gamma=0.5))
+        return {"optimizer": self.opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_lightning_step_interval_scheduler_advances_once_per_update(gen):
+    k = 3
+    net, data = make_problem(gen)
+    kwargs = dict(OPT, accumulation_steps=k)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*inside an accumulation cycle.*")
+        module, _ = fit_module(ScheduledModule(copy.deepcopy(net), kwargs), data)
+    ref = copy.deepcopy(net)  # the plain loop, the scheduler stepped once per update
+    opt = FusedAccumSGD(ref.parameters(), **kwargs)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for x, y in batches(data):
+        nn.functional.mse_loss(ref(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if opt.micro_step == 0:
+            scheduler.step()
+    assert_same_params(module.net, ref, "Lightning interval='step' scheduler through PerCycle")
+    assert module.opt.param_groups[0]["lr"] == OPT["lr"] * 0.5 ** (BATCHES // k)
