@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 accelerate = pytest.importorskip("accelerate")
 
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-from gradfuse import FusedAccumSGD  # noqa: E402
+from gradfuse import FusedAccumSGD, PerCycle  # noqa: E402
 from problems import BATCH, BATCHES, make_client_problem as make_problem  # noqa: E402
 from problems import CLIENT_OPT as OPT  # noqa: E402
 from tolerances import assert_bitwise  # noqa: E402
@@ -113,3 +113,35 @@ def test_accelerate_gradient_accumulation_steps_with_k_above_1_multiplies(gen):
     for p, q in zip(model.parameters(), alone.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     assert not torch.equal(model[0].weight, net[0].weight), "training did not move the weights"
+
+
+def test_prepared_scheduler_wrapped_in_per_cycle_advances_once_per_update(gen):
+    # Accelerate's prepared scheduler is stepped after every optimizer step (every micro-batch here).
+    k = 3
+    net, data = make_problem(gen)
+    kwargs = dict(OPT, accumulation_steps=k)
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = copy.deepcopy(net)
+    opt = FusedAccumSGD(model.parameters(), **kwargs)
+    scheduler = PerCycle(torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+    loader = DataLoader(TensorDataset(*data), batch_size=BATCH, shuffle=False)
+    model, prepared_opt, loader, prepared_scheduler = accelerator.prepare(model, opt, loader, scheduler)
+    for x, y in loader:
+        accelerator.backward(nn.functional.mse_loss(model(x), y))
+        prepared_opt.step()
+        prepared_scheduler.step()
+        prepared_opt.zero_grad()
+    ref = copy.deepcopy(net)
+    ref_opt = FusedAccumSGD(ref.parameters(), **kwargs)
+    ref_scheduler = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=1, gamma=0.5)
+    x, y = data
+    for i in range(BATCHES):
+        rows = slice(i * BATCH, (i + 1) * BATCH)
+        nn.functional.mse_loss(ref(x[rows]), y[rows]).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        if ref_opt.micro_step == 0:
+            ref_scheduler.step()
+    for i, (p, q) in enumerate(zip(model.parameters(), ref.parameters())):
+        assert_bitwise(p, q, f"Accelerate + PerCycle: parameter {i}")
+    assert opt.param_groups[0]["lr"] == OPT["lr"] * 0.5 ** (BATCHES // k)
