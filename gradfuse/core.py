@@ -386,6 +386,32 @@ class FusedAccumOptimizer(Optimizer):
         return [local_tensor(p) for p in params] if self._has_sharded else params
 
     # ------------------------------------------------------------------ step
+    @torch.compiler.disable
+    @torch.no_grad()
+    def finish_cycle(self) -> bool:
+        """Ends the open cycle now with the micro-batches step() has taken (their mean, clipped and
+        skipped like a full cycle's), as a torch loop updates with an epoch's last, shorter
+        accumulation. Returns whether there was an open cycle. Not under torch.distributed (the
+        earlier micro-batches were not communicated yet) nor with flat_buffers=True."""
+        if self._micro_step == 0:
+            return False
+        if self._flat is not None or _distributed():
+            raise RuntimeError(f"{self._name}: finish_cycle() works alone and without flat_buffers=True; under "
+                               f"torch.distributed the open cycle's micro-batches were not communicated yet")
+        if self._backward is not None and self._backward.pending:
+            raise RuntimeError(f"{self._name}: a backward since the last step() is in the running sums but not yet "
+                               f"counted: call step() for it first, then finish_cycle()")
+        none = _NONE * len(self._sorted)
+        self._gather_cycle_state(none)
+        full = self._accumulation_steps
+        self._accumulation_steps = self._micro_step  # the mean of the micro-batches taken
+        try:
+            self._accumulate([None] * len(self._sorted), none, True, None)
+            self._finish_cycle()
+        finally:
+            self._accumulation_steps = full
+        return True
+
     def remove_backward_hooks(self):
         """accumulate_in_backward=True: removes the optimizer's hooks from the parameters (also done
         when the optimizer is collected); it then reads .grad at step() like the default mode."""

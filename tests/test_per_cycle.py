@@ -128,3 +128,36 @@ def test_per_cycle_is_bitwise_the_same_path():
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         assert_bitwise(a, b, "PerCycle vs stepping once per cycle")
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+def test_finish_cycle_updates_with_the_mean_of_an_epochs_last_micro_batches(rule):
+    # 7 micro-batches at K=3: two full cycles, then finish_cycle() with the one left, like a torch
+    # loop updating at an epoch's end with what its last accumulation has.
+    batches = data()[:7]
+    model = make_model()
+    if rule == "sgd":
+        opt = gradfuse.FusedAccumSGD(model.parameters(), accumulation_steps=K, max_grad_norm=0.5, **HYPER)
+    else:
+        opt = gradfuse.FusedAccumAdamW(model.parameters(), lr=0.01, accumulation_steps=K, max_grad_norm=0.5)
+    for x, y in batches:
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.micro_step == 1 and opt.finish_cycle() and opt.micro_step == 0 and opt.cycles_completed == 3
+    assert not opt.finish_cycle()
+    ref = make_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), **HYPER) if rule == "sgd" else torch.optim.AdamW(ref.parameters(), lr=0.01)
+    for start in range(0, len(batches), K):
+        chunk = batches[start:start + K]
+        sums = None
+        for x, y in chunk:
+            grads = torch.autograd.grad(torch.nn.functional.mse_loss(ref(x), y), list(ref.parameters()))
+            sums = list(grads) if sums is None else [a + g for a, g in zip(sums, grads)]
+        for p, total in zip(ref.parameters(), sums):
+            p.grad = total / len(chunk)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
