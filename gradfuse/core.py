@@ -3,12 +3,13 @@ accumulation, the global norm (also across ranks), skipping, GradScaler, the han
 and checkpoints. An update rule (sgd.py, adamw.py) adds its hyperparameters, its per-parameter
 state and one fused update call."""
 import warnings
-from collections import defaultdict
-from typing import Dict, List, Optional
+from collections import OrderedDict, defaultdict
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from . import copying, direct_ops, gradient_codes, ops, public_state
 from . import hyperparameters as hp
@@ -104,6 +105,7 @@ class FusedAccumOptimizer(Optimizer):
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._skipped_steps: Optional[torch.Tensor] = None
         self.cycles_completed = 0  # updates (cycle ends, skipped or not) since construction: PerCycle counts them
+        self._update_post_hooks: Dict[int, Callable] = OrderedDict()  # once per cycle, not per step() call
         self._cycle_lrs, self._warned_lr_change = [], False
 
     def __getstate__(self):
@@ -412,6 +414,15 @@ class FusedAccumOptimizer(Optimizer):
             self._accumulation_steps = full
         return True
 
+    def register_update_post_hook(self, hook: Callable) -> RemovableHandle:
+        """hook(optimizer) after each completed cycle's update (once per update, where
+        register_step_post_hook's hooks run at every step() call, that is every micro-batch). It
+        does not wait for the device: a cycle skipped for a non-finite norm also calls it, and
+        opt.skipped_steps tells which (an EMA of weights then averages in unchanged weights)."""
+        handle = RemovableHandle(self._update_post_hooks)
+        self._update_post_hooks[handle.id] = hook
+        return handle
+
     def remove_backward_hooks(self):
         """accumulate_in_backward=True: removes the optimizer's hooks from the parameters (also done
         when the optimizer is collected); it then reads .grad at step() like the default mode."""
@@ -692,6 +703,8 @@ class FusedAccumOptimizer(Optimizer):
             for slots in self._update_slots(bi):
                 self._update(bi, slots, total, norm_on)
         self._reset_cycle_state()
+        for hook in list(self._update_post_hooks.values()):
+            hook(self)
 
     def _update_slots(self, bi):
         """The bucket's slots to update, split so each op call sees one gradient dtype (a

@@ -161,3 +161,24 @@ def test_finish_cycle_updates_with_the_mean_of_an_epochs_last_micro_batches(rule
         ref_opt.zero_grad()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_update_post_hooks_run_once_per_update_step_hooks_once_per_micro_batch():
+    model = make_model()
+    opt = gradfuse.FusedAccumSGD(model.parameters(), accumulation_steps=K, **HYPER)
+    calls = {"step": 0, "update": 0}
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.__setitem__("step", calls["step"] + 1))
+    handle = opt.register_update_post_hook(lambda o: calls.__setitem__("update", calls["update"] + 1))
+    for x, y in data()[:2 * K + 1]:
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert calls == {"step": 2 * K + 1, "update": 2}
+    opt.finish_cycle()
+    assert calls["update"] == 3
+    handle.remove()
+    for x, y in data()[:K]:
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert calls["update"] == 3
