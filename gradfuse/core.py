@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from . import copying, direct_ops, gradient_codes, ops, public_state
+from . import copying, direct_ops, gradient_codes, ops, public_state, skip_watch
 from . import hyperparameters as hp
 from ._native import GradientInspector, first_modified, inspect_parameters
 from .backward_accumulation import BackwardAccumulation
@@ -106,6 +106,8 @@ class FusedAccumOptimizer(Optimizer):
         self._skipped_steps: Optional[torch.Tensor] = None
         self.cycles_completed = 0  # updates (cycle ends, skipped or not) since construction: PerCycle counts them
         self._update_post_hooks: Dict[int, Callable] = OrderedDict()  # once per cycle, not per step() call
+        self._skip_watch = skip_watch.SkipWatch()
+        self.skip_warning_interval = skip_watch.DEFAULT_INTERVAL  # cycles; 0: no "not progressing" warning
         self._cycle_lrs, self._warned_lr_change = [], False
 
     def __getstate__(self):
@@ -703,6 +705,7 @@ class FusedAccumOptimizer(Optimizer):
             for slots in self._update_slots(bi):
                 self._update(bi, slots, total, norm_on)
         self._reset_cycle_state()
+        skip_watch.after_cycle(self)
         for hook in list(self._update_post_hooks.values()):
             hook(self)
 

@@ -182,3 +182,25 @@ def test_update_post_hooks_run_once_per_update_step_hooks_once_per_micro_batch()
         opt.step()
         opt.zero_grad()
     assert calls["update"] == 3
+
+
+def test_a_run_whose_every_cycle_is_skipped_warns_once():
+    model = make_model()
+    opt = gradfuse.FusedAccumSGD(model.parameters(), accumulation_steps=2, **HYPER)
+    opt.skip_warning_interval = 3
+
+    def cycle(bad):
+        for x, y in data()[:2]:
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            (loss * float("nan") if bad else loss).backward()
+            opt.step()
+            opt.zero_grad()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(12):
+            cycle(bad=i % 3 != 0)  # progress in every window: no warning
+    with pytest.warns(UserWarning, match="training is not progressing") as record:
+        for _ in range(12):
+            cycle(bad=True)
+    assert sum("not progressing" in str(w.message) for w in record) == 1
