@@ -15,7 +15,8 @@ _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 class FusedAccumAdamW(FusedAccumOptimizer):
     """torch.optim.AdamW with built-in gradient accumulation and global-norm clipping.
 
-    Call step() once per micro-batch: micro-steps 1..K-1 only accumulate A = sum(grad)/K;
+    Call step() once per micro-batch (and do not divide the loss by K: A below is already the
+    mean): micro-steps 1..K-1 only accumulate A = sum(grad)/K;
     micro-step K computes the norm_type norm of A over all parameters, skips the cycle when it
     is not finite (skip_nonfinite: moments and step count untouched), scales A by
     min(1, max_grad_norm / (norm + 1e-6)) and applies AdamW's update (decoupled weight decay,

@@ -10,7 +10,8 @@ from .core import FusedAccumOptimizer
 class FusedAccumSGD(FusedAccumOptimizer):
     """torch.optim.SGD with built-in gradient accumulation and global-norm clipping.
 
-    Call step() once per micro-batch: micro-steps 1..K-1 only accumulate A = sum(grad)/K;
+    Call step() once per micro-batch (and do not divide the loss by K: A below is already the
+    mean): micro-steps 1..K-1 only accumulate A = sum(grad)/K;
     micro-step K computes the norm_type norm of A over all parameters, skips the update when
     it is not finite (skip_nonfinite), scales A by min(1, max_grad_norm / (norm + 1e-6)) and
     applies SGD (weight decay, momentum, dampening, nesterov, maximize) in one pass.
