@@ -83,7 +83,7 @@ def test_fsdp2_matches_single_process(backend, ranks, sync_every_micro_batch):
 
 
 def test_fsdp2_adamw_matches_single_process(backend):
-    # The README's FSDP2 recipe uses FusedAccumAdamW: its DTensor moments and device step counts.
+    # The FSDP2 recipe of docs/distributed.md uses FusedAccumAdamW: its DTensor moments and device step counts.
     spawn(2, "fsdp2", (2,), False, "adamw", backend=backend)
 
 

@@ -1,5 +1,5 @@
 """Memory: thousands of micro-steps do not grow memory (RSS, live tensors, CUDA allocations), and
-the optimizer's extra memory per parameter is README's "Memory and passes" formula: fp32 with
+the optimizer's extra memory per parameter is the "Memory and passes" formula of docs/semantics.md: fp32 with
 momentum 4 B/param persistent (+4 B, the adopted gradient, while a cycle is open); fp16/bf16 a
 persistent float32 accumulator (4 B) + a momentum buffer in the parameter dtype (2 B)."""
 import gc
@@ -111,7 +111,7 @@ def test_extra_memory_matches_readme_formula(device, seed, dtype, momentum, buff
             per_param = buffer * updated + persistent + open_ * (opt.micro_step != 0)
             assert big == per_param * numel, (
                 f"cycle {cycle} micro-step {micro}: the optimizer holds {big} B = {big / numel:.2f} B/param, "
-                f"README says {per_param} B/param: {sorted(held.values(), key=lambda v: -v[0])}")
+                f"docs/semantics.md says {per_param} B/param: {sorted(held.values(), key=lambda v: -v[0])}")
     if device.type == "cuda":  # the allocator agrees: live memory = params + what the optimizer holds
         torch.cuda.synchronize()
         del held
