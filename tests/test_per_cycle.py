@@ -147,7 +147,8 @@ def test_finish_cycle_updates_with_the_mean_of_an_epochs_last_micro_batches(rule
     assert opt.micro_step == 1 and opt.finish_cycle() and opt.micro_step == 0 and opt.cycles_completed == 3
     assert not opt.finish_cycle()
     ref = make_model()
-    ref_opt = torch.optim.SGD(ref.parameters(), **HYPER) if rule == "sgd" else torch.optim.AdamW(ref.parameters(), lr=0.01)
+    params = list(ref.parameters())
+    ref_opt = torch.optim.SGD(params, **HYPER) if rule == "sgd" else torch.optim.AdamW(params, lr=0.01)
     for start in range(0, len(batches), K):
         chunk = batches[start:start + K]
         sums = None
