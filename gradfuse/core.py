@@ -17,7 +17,7 @@ from ._native import GradientInspector, first_modified, inspect_parameters
 from .backward_accumulation import BackwardAccumulation
 from .distributed_norm import all_reduce_norm_state_, is_dtensor, local_tensor, shard_groups
 from .flat_storage import FlatStorage, check_flat_params
-from .per_cycle import note_learning_rates
+from .per_cycle import note_hyperparameters
 from .state_io import export_state, import_state
 from .tracked_state import TrackedState
 
@@ -108,7 +108,7 @@ class FusedAccumOptimizer(Optimizer):
         self._update_post_hooks: Dict[int, Callable] = OrderedDict()  # once per cycle, not per step() call
         self._skip_watch = skip_watch.SkipWatch()
         self.skip_warning_interval = skip_watch.DEFAULT_INTERVAL  # cycles; 0: no "not progressing" warning
-        self._cycle_lrs, self._warned_lr_change = [], False
+        self._cycle_hyperparameters, self._warned_hyperparameter_change = [], False
 
     def __getstate__(self):
         # torch.optim pickles defaults, state and param_groups; a copy also needs K, the clip and the cycle.
@@ -448,7 +448,7 @@ class FusedAccumOptimizer(Optimizer):
             self._adopt_edited_param_groups()
         for group in self.param_groups:
             self._check_group(group, check_tensor_lr=False)
-        note_learning_rates(self)
+        note_hyperparameters(self)
         if self._flat is not None:
             self._step_flat()
             return loss

@@ -47,23 +47,33 @@ class PerCycle(LRScheduler):
         return getattr(scheduler, name)
 
 
-def note_learning_rates(opt):
-    """Called by step() at every micro-step: records each group's float lr when a cycle starts and
-    warns once if one changed before the cycle's update (a scheduler stepped per micro-batch). A
-    tensor lr is not compared (its value would cost a host sync)."""
+def note_hyperparameters(opt):
+    """Called by step() at every micro-step: records each group's plain-number hyperparameters
+    (lr, momentum, weight_decay, betas, ...) when a cycle starts and warns once if one changed before
+    the cycle's update (a scheduler stepped per micro-batch). Tensor values are not compared (reading
+    them would cost a host sync)."""
     groups = opt.param_groups
-    if opt.micro_step == 0 or len(groups) != len(opt._cycle_lrs):
-        opt._cycle_lrs = [g["lr"] for g in groups]
+    if opt.micro_step == 0 or len(groups) != len(opt._cycle_hyperparameters):
+        opt._cycle_hyperparameters = [_plain_values(g) for g in groups]
         return
-    if opt._warned_lr_change:
+    if opt._warned_hyperparameter_change:
         return
-    for index, (group, lr) in enumerate(zip(groups, opt._cycle_lrs)):
-        if not isinstance(lr, float) or group["lr"] == lr:
-            continue
-        opt._warned_lr_change = True
-        warnings.warn(f"{opt._name}: param_groups[{index}]['lr'] changed from {lr} to {group['lr']} inside an "
-                      f"accumulation cycle (micro-step {opt.micro_step + 1} of {opt.accumulation_steps}); the update "
-                      f"uses the value at the cycle's end. A scheduler stepped after every step() call advances "
-                      f"accumulation_steps times per update: wrap it, gradfuse.PerCycle(scheduler), or step it only "
-                      f"when opt.micro_step == 0", stacklevel=4)
-        return
+    for index, (group, seen) in enumerate(zip(groups, opt._cycle_hyperparameters)):
+        for key, value in seen.items():
+            if group.get(key) == value:
+                continue
+            opt._warned_hyperparameter_change = True
+            warnings.warn(f"{opt._name}: param_groups[{index}][{key!r}] changed from {value} to {group.get(key)} "
+                          f"inside an accumulation cycle (micro-step {opt.micro_step + 1} of "
+                          f"{opt.accumulation_steps}); the update uses the value at the cycle's end. A scheduler "
+                          f"stepped after every step() call advances accumulation_steps times per update: wrap it, "
+                          f"gradfuse.PerCycle(scheduler), or step it only when opt.micro_step == 0", stacklevel=4)
+            return
+
+
+def _plain_values(group):
+    # The group's hyperparameters that are plain numbers (or tuples of them), compared without a sync.
+    def plain(value):
+        return isinstance(value, (int, float)) or (isinstance(value, tuple) and all(isinstance(v, (int, float))
+                                                                                     for v in value))
+    return {key: value for key, value in group.items() if key != "params" and plain(value)}

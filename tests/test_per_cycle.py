@@ -205,3 +205,15 @@ def test_a_run_whose_every_cycle_is_skipped_warns_once():
         for _ in range(12):
             cycle(bad=True)
     assert sum("not progressing" in str(w.message) for w in record) == 1
+
+
+def test_momentum_changed_inside_a_cycle_warns_too():
+    model = make_model()
+    opt = gradfuse.FusedAccumSGD(model.parameters(), accumulation_steps=K, **HYPER)
+    with pytest.warns(UserWarning, match=r"\['momentum'\] changed from 0.9 to 0.5 inside an accumulation cycle"):
+        for i, (x, y) in enumerate(data()[:K]):
+            if i == 1:
+                opt.param_groups[0]["momentum"] = 0.5
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
