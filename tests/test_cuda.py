@@ -15,6 +15,7 @@ import harness
 import reference as ref
 from data import generator, randn, requires_cuda
 from fresh_process import run_lazy_cuda_script
+from scaled_steps import scaled_micro_step
 from gradfuse import FusedAccumSGD, ops
 from tolerances import assert_bitwise, assert_close, assert_scalar_close
 
@@ -268,21 +269,7 @@ def test_grad_scaler_matches_torch_sgd_with_unscale_and_clip(k, gen):
         cycle_bad = False
         for m in range(k):
             t = c * k + m
-            for p, g in zip(f_params, grads[t]):
-                p.grad = f_scaler.scale(g)
-            f_scaler.step(opt)
-            f_scaler.update()
-            opt.zero_grad()
-
-            for p, g in zip(r_params, grads[t]):
-                p.grad = r_scaler.scale(g)
-            r_scaler.unscale_(sgd)
-            cycle_bad |= not all(bool(torch.isfinite(p.grad).all()) for p in r_params)
-            for a, p in zip(acc, r_params):
-                a.add_(p.grad)
-            r_scaler.update()
-            sgd.zero_grad()
-
+            cycle_bad |= not scaled_micro_step(opt, f_params, f_scaler, sgd, r_params, r_scaler, grads[t], acc)
             assert f_scaler.get_scale() == r_scaler.get_scale(), f"micro-step {t}: scales diverged"
             scales.append(f_scaler.get_scale())
         where = f"cycle {c}"

@@ -11,6 +11,7 @@ import torch
 
 from data import randn, requires_cuda
 from fresh_process import run_lazy_cuda_script
+from scaled_steps import scaled_micro_step
 from gradfuse import FusedAccumAdamW, ops
 from tolerances import assert_bitwise, assert_close, assert_scalar_close
 
@@ -212,19 +213,7 @@ def test_grad_scaler_with_adamw_matches_torch_unscale_and_clip(k, gen):
         acc, cycle_bad = [torch.zeros_like(p) for p in r_params], False
         for m in range(k):
             row = grads[c * k + m]
-            for p, g in zip(f_params, row):
-                p.grad = f_scaler.scale(g)
-            f_scaler.step(opt)
-            f_scaler.update()
-            opt.zero_grad()
-            for p, g in zip(r_params, row):
-                p.grad = r_scaler.scale(g)
-            r_scaler.unscale_(adamw)
-            cycle_bad |= not all(bool(torch.isfinite(p.grad).all()) for p in r_params)
-            for a, p in zip(acc, r_params):
-                a.add_(p.grad)
-            r_scaler.update()
-            adamw.zero_grad()
+            cycle_bad |= not scaled_micro_step(opt, f_params, f_scaler, adamw, r_params, r_scaler, row, acc)
             assert f_scaler.get_scale() == r_scaler.get_scale(), f"micro-step {c * k + m}: scales diverged"
         if not cycle_bad:
             for p, a in zip(r_params, acc):
