@@ -407,13 +407,8 @@ class FusedAccumOptimizer(Optimizer):
                                f"counted: call step() for it first, then finish_cycle()")
         none = _NONE * len(self._sorted)
         self._gather_cycle_state(none)
-        full = self._accumulation_steps
-        self._accumulation_steps = self._micro_step  # the mean of the micro-batches taken
-        try:
-            self._accumulate([None] * len(self._sorted), none, True, None)
-            self._finish_cycle()
-        finally:
-            self._accumulation_steps = full
+        self._accumulate([None] * len(self._sorted), none, True, None)  # the norm of the sums so far
+        self._finish_cycle(micro_batches=self._micro_step)
         return True
 
     def register_update_post_hook(self, hook: Callable) -> RemovableHandle:
@@ -659,9 +654,9 @@ class FusedAccumOptimizer(Optimizer):
             for tensors in norm_only.values():
                 direct_ops.accumulate_norm_(norm_state, tensors, self.norm_type)
 
-    def _total_norm(self):
-        """0-dim float64 norm of A over all devices, counted as skipped when non-finite."""
-        scale = 1.0 / self.accumulation_steps
+    def _total_norm(self, scale):
+        """0-dim float64 norm of A (the sums times scale) over all devices, counted as skipped when
+        non-finite."""
         count = self._skips_nonfinite() or self.error_if_nonfinite
         primary = self.skipped_steps.device
         for b in self._buckets:  # every rank runs every domain's collective, gradients or not
@@ -681,13 +676,16 @@ class FusedAccumOptimizer(Optimizer):
         """The norm pass runs only when something uses it: clipping, skipping or raising."""
         return self.max_grad_norm is not None or self._skips_nonfinite() or self.error_if_nonfinite
 
-    def _finish_cycle(self):
+    def _finish_cycle(self, micro_batches=None):
+        """The cycle's end: norm, skip decision, update of A = the sums / micro_batches (K, or fewer
+        when finish_cycle() ends a cycle early)."""
+        scale = 1.0 / (micro_batches or self.accumulation_steps)
         self.cycles_completed += 1
         if not self._had_gradient and not getattr(self, "_warned_empty_cycle", False):
             self._warned_empty_cycle = True
             warnings.warn(f"{self._name}: {_NO_GRADIENT}", stacklevel=3)
         if self._needs_norm():
-            total = self.last_grad_norm = self._total_norm()
+            total = self.last_grad_norm = self._total_norm(scale)
         else:  # plain accumulation + SGD: no norm pass; the update reads a constant 0 norm
             self.last_grad_norm = None
             device = self._primary_device()
@@ -703,7 +701,7 @@ class FusedAccumOptimizer(Optimizer):
             if self._live[bi] == 0:
                 continue
             for slots in self._update_slots(bi):
-                self._update(bi, slots, total, norm_on)
+                self._update(bi, slots, total, norm_on, scale)
         self._reset_cycle_state()
         skip_watch.after_cycle(self)
         for hook in list(self._update_post_hooks.values()):
@@ -723,8 +721,8 @@ class FusedAccumOptimizer(Optimizer):
             return [range(b.start, b.stop)]
         return list(split.values())
 
-    def _update(self, bi, slots, total, norm_on):
-        """One fused update call of the rule over the given slots of bucket bi."""
+    def _update(self, bi, slots, total, norm_on, scale):
+        """One fused update call of the rule over the given slots of bucket bi, of the sums times scale."""
         b = self._buckets[bi]
         if self._flat is not None:  # the whole bucket as one tensor
             params, accs = [self._flat.params[bi]], [self._flat.grads[bi]]
@@ -738,7 +736,7 @@ class FusedAccumOptimizer(Optimizer):
             lr = lr.item() if lr.device.type == "cpu" else lr.to(b.device)
         if b.device not in norm_on:
             norm_on[b.device] = total.to(b.device)
-        self._update_bucket(bi, slots, params, accs, group, lr, norm_on[b.device], 1.0 / self.accumulation_steps)
+        self._update_bucket(bi, slots, params, accs, group, lr, norm_on[b.device], scale)
 
     def _update_bucket(self, bi, slots, params, accs, group, lr, total_norm, grad_scale):
         raise NotImplementedError

@@ -52,6 +52,8 @@ def note_hyperparameters(opt):
     (lr, momentum, weight_decay, betas, ...) when a cycle starts and warns once if one changed before
     the cycle's update (a scheduler stepped per micro-batch). Tensor values are not compared (reading
     them would cost a host sync)."""
+    if opt.accumulation_steps == 1:
+        return  # every step() ends its cycle: nothing can change inside one
     groups = opt.param_groups
     if opt.micro_step == 0 or len(groups) != len(opt._cycle_hyperparameters):
         opt._cycle_hyperparameters = [_plain_values(g) for g in groups]

@@ -51,17 +51,20 @@ def state_lists(opt, bucket_index, params, group, keys):
 def _checked_value(opt, p, key, value, element_keys):
     """value if it can serve as parameter p's state[key]; a converted copy of a step count kept the
     way torch keeps it (a Python number or a CPU tensor); else a ValueError naming the fix."""
-    index = next(i for i, q in enumerate(opt._params) if q is p)
-    where = f"{opt._name}: opt.state[p][{key!r}] of {opt._describe(index)}"
     own = local_tensor(p)
+
+    def where():  # called only for a refusal: finding p's index is a search over every parameter
+        index = next(i for i, q in enumerate(opt._params) if q is p)
+        return f"{opt._name}: opt.state[p][{key!r}] of {opt._describe(index)}"
+
     if key in element_keys:
         if not isinstance(value, torch.Tensor) or local_tensor(value).shape != own.shape:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{where} is {shape}, but the parameter has shape {tuple(own.shape)}; set a tensor "
+            raise ValueError(f"{where()} is {shape}, but the parameter has shape {tuple(own.shape)}; set a tensor "
                              f"like the parameter, or reset the state with opt.state[p] = {{}}")
         local = local_tensor(value)
         if local.dtype != own.dtype or local.device != own.device:
-            raise ValueError(f"{where} is {local.dtype} on {local.device}, but the parameter is {own.dtype} on "
+            raise ValueError(f"{where()} is {local.dtype} on {local.device}, but the parameter is {own.dtype} on "
                              f"{own.device}; set a tensor like the parameter, or reset the state with "
                              f"opt.state[p] = {{}}")
         return value
@@ -71,10 +74,10 @@ def _checked_value(opt, p, key, value, element_keys):
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)) or \
                 (isinstance(value, torch.Tensor) and value.numel() != 1):
-            raise ValueError(f"{where} must be a number or a 1-element tensor, got {value!r}")
+            raise ValueError(f"{where()} must be a number or a 1-element tensor, got {value!r}")
         return torch.tensor(float(value), dtype=torch.float32, device=own.device)  # where the update counts
     if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.device != own.device:
-        raise ValueError(f"{where} is {value!r}; reset the state with opt.state[p] = {{}}")
+        raise ValueError(f"{where()} is {value!r}; reset the state with opt.state[p] = {{}}")
     return value
 
 
