@@ -217,3 +217,17 @@ def test_momentum_changed_inside_a_cycle_warns_too():
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
             opt.zero_grad()
+
+
+def test_finish_cycle_refuses_flat_buffers_before_anything_changes():
+    model = make_model()
+    opt = gradfuse.FusedAccumSGD(model.parameters(), accumulation_steps=K, flat_buffers=True, **HYPER)
+    x, y = data()[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="without flat_buffers=True"):
+        opt.finish_cycle()
+    assert opt.micro_step == 1
+    for p, b in zip(model.parameters(), before):
+        assert_bitwise(p.detach(), b, "a refused finish_cycle changed a parameter")
