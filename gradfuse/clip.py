@@ -17,7 +17,8 @@ import warnings
 
 import torch
 
-from . import direct_ops, distributed_norm, ops
+from . import direct_ops, distributed_norm
+from .norm_partials import NormPartials
 from ._native import cuda_compiled, inspect_parameters
 
 FUSED_NORM_TYPES = (2.0, math.inf)
@@ -95,27 +96,20 @@ def _is_dense(t):
 
 
 def _norm64(buckets, norm_type, first_device):
-    """0-dim float64 norm of all buckets on first_device: one norm state per (groups, device),
+    """0-dim float64 norm of all buckets on first_device: one partial per (device, process groups),
     all-reduced over its groups, then merged (sum of squares, or max) and finalized on the device."""
-    states = {}
+    domains = {}  # process groups -> a key named by first appearance (the same on every rank)
     for bucket in buckets:
-        key = (bucket.groups, bucket.device)
-        state = states.get(key)
-        if state is None:
-            state = states[key] = ops.new_norm_state(bucket.device)
+        domains.setdefault(bucket.groups, f"d{len(domains)}")
+    partials = NormPartials({key: groups for groups, key in domains.items()} | {"": ()})
+    for bucket in buckets:
+        state = partials.partial(bucket.device, domains[bucket.groups])
         if bucket.dense:
             direct_ops.accumulate_norm_(state, bucket.dense, norm_type)
         if bucket.strided:
             direct_ops.accumulate_norm_(state, [t.contiguous() for t in bucket.strided], norm_type)
-    for (groups, _), state in states.items():
-        if groups:
-            distributed_norm.all_reduce_norm_state_(state, groups, norm_type)
-    merged = list(states.values())
-    state = merged[0].to(first_device)
-    for other in merged[1:]:
-        ops.merge_norm_state_(state, other.to(first_device), norm_type)
     unused_counter = torch.zeros((), dtype=torch.long, device=first_device)
-    return ops.finalize_norm_(state, unused_counter, norm_type)
+    return partials.total(first_device, unused_counter, norm_type)
 
 
 def _result_dtype(buckets):

@@ -51,3 +51,8 @@ def all_reduce_norm_state_(state: torch.Tensor, groups: Sequence[Optional[dist.P
     for group in groups:
         dist.all_reduce(state, op=op, group=group)
     return state
+
+
+def ranks_communicate() -> bool:
+    """More than one process in the default group: the ranks' gradients are communicated."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -47,30 +47,37 @@ class PerCycle(LRScheduler):
         return getattr(scheduler, name)
 
 
-def note_hyperparameters(opt):
+class HyperparameterWatch:
     """Called by step() at every micro-step: records each group's plain-number hyperparameters
     (lr, momentum, weight_decay, betas, ...) when a cycle starts and warns once if one changed before
     the cycle's update (a scheduler stepped per micro-batch). Tensor values are not compared (reading
     them would cost a host sync)."""
-    if opt.accumulation_steps == 1:
-        return  # every step() ends its cycle: nothing can change inside one
-    groups = opt.param_groups
-    if opt.micro_step == 0 or len(groups) != len(opt._cycle_hyperparameters):
-        opt._cycle_hyperparameters = [_plain_values(g) for g in groups]
-        return
-    if opt._warned_hyperparameter_change:
-        return
-    for index, (group, seen) in enumerate(zip(groups, opt._cycle_hyperparameters)):
-        for key, value in seen.items():
-            if group.get(key) == value:
-                continue
-            opt._warned_hyperparameter_change = True
-            warnings.warn(f"{opt._name}: param_groups[{index}][{key!r}] changed from {value} to {group.get(key)} "
-                          f"inside an accumulation cycle (micro-step {opt.micro_step + 1} of "
-                          f"{opt.accumulation_steps}); the update uses the value at the cycle's end. A scheduler "
-                          f"stepped after every step() call advances accumulation_steps times per update: wrap it, "
-                          f"gradfuse.PerCycle(scheduler), or step it only when opt.micro_step == 0", stacklevel=4)
+    __slots__ = ("seen", "warned")
+
+    def __init__(self):
+        self.seen, self.warned = [], False
+
+    def note(self, opt, name):
+        if opt.accumulation_steps == 1:
+            return  # every step() ends its cycle: nothing can change inside one
+        groups = opt.param_groups
+        if opt.micro_step == 0 or len(groups) != len(self.seen):
+            self.seen = [_plain_values(g) for g in groups]
             return
+        if self.warned:
+            return
+        for index, (group, seen) in enumerate(zip(groups, self.seen)):
+            for key, value in seen.items():
+                if group.get(key) == value:
+                    continue
+                self.warned = True
+                warnings.warn(f"{name}: param_groups[{index}][{key!r}] changed from {value} to {group.get(key)} "
+                              f"inside an accumulation cycle (micro-step {opt.micro_step + 1} of "
+                              f"{opt.accumulation_steps}); the update uses the value at the cycle's end. A scheduler "
+                              f"stepped after every step() call advances accumulation_steps times per update: wrap "
+                              f"it, gradfuse.PerCycle(scheduler), or step it only when opt.micro_step == 0",
+                              stacklevel=4)
+                return
 
 
 def _plain_values(group):

@@ -22,30 +22,40 @@ def unchanged_since(opt, seen):
     return seen is not None and seen[0] is opt.state and seen[1] == opt.state.writes
 
 
-def state_lists(opt, bucket_index, params, group, keys):
-    """[[opt.state[p][key] for p in params] for key in keys], creating what is missing with the
-    rule's _new_param_state (as torch.optim creates state lazily) and checking, for tensors not
-    seen at the last check, that each fits its parameter; raises before anything changes. Read
-    anew only when opt.state was written since the last call (its write counter moved)."""
-    state = current_state(opt)
-    checked = opt._checked_state.get(bucket_index)
-    if checked is not None and checked[0] == keys and unchanged_since(opt, checked[2]):
-        return checked[1]
-    lists, incomplete = gather_param_state(state, params, list(keys))
-    if incomplete:
-        for i in incomplete:
-            p = params[i]
-            entry = state[p]
-            entry.update(opt._new_param_state(p, group, entry))
-        lists, incomplete = gather_param_state(opt.state, params, list(keys))
-    if checked is None or checked[0] != keys or not all(same_objects(a, b) for a, b in zip(lists, checked[1])):
-        for key, values in zip(keys, lists):
-            for i, (p, value) in enumerate(zip(params, values)):
-                fixed = _checked_value(opt, p, key, value, opt._ELEMENT_KEYS)
-                if fixed is not value:
-                    state[p][key] = values[i] = fixed
-    opt._checked_state[bucket_index] = (keys, lists, (state, state.writes))
-    return lists
+class RuleStateReader:
+    """Reads the rule's per-parameter state lists of each bucket from opt.state, remembering what it
+    checked last; forget() when the layout changes."""
+
+    def __init__(self):
+        self.checked = {}  # bucket -> (keys, state lists, (state, writes)) last validated
+
+    def forget(self):
+        self.checked = {}
+
+    def lists(self, opt, bucket_index, params, group, keys):
+        """[[opt.state[p][key] for p in params] for key in keys], creating what is missing with the
+        rule's _new_param_state (as torch.optim creates state lazily) and checking, for tensors not
+        seen at the last check, that each fits its parameter; raises before anything changes. Read
+        anew only when opt.state was written since the last call (its write counter moved)."""
+        state = current_state(opt)
+        checked = self.checked.get(bucket_index)
+        if checked is not None and checked[0] == keys and unchanged_since(opt, checked[2]):
+            return checked[1]
+        lists, incomplete = gather_param_state(state, params, list(keys))
+        if incomplete:
+            for i in incomplete:
+                p = params[i]
+                entry = state[p]
+                entry.update(opt._new_param_state(p, group, entry))
+            lists, incomplete = gather_param_state(opt.state, params, list(keys))
+        if checked is None or checked[0] != keys or not all(same_objects(a, b) for a, b in zip(lists, checked[1])):
+            for key, values in zip(keys, lists):
+                for i, (p, value) in enumerate(zip(params, values)):
+                    fixed = _checked_value(opt, p, key, value, opt._ELEMENT_KEYS)
+                    if fixed is not value:
+                        state[p][key] = values[i] = fixed
+        self.checked[bucket_index] = (keys, lists, (state, state.writes))
+        return lists
 
 
 def _checked_value(opt, p, key, value, element_keys):
@@ -54,8 +64,9 @@ def _checked_value(opt, p, key, value, element_keys):
     own = local_tensor(p)
 
     def where():  # called only for a refusal: finding p's index is a search over every parameter
-        index = next(i for i, q in enumerate(opt._params) if q is p)
-        return f"{opt._name}: opt.state[p][{key!r}] of {opt._describe(index)}"
+        layout = opt._layout
+        index = next(i for i, q in enumerate(layout.params) if q is p)
+        return f"{opt._name}: opt.state[p][{key!r}] of {layout.describe(index)}"
 
     if key in element_keys:
         if not isinstance(value, torch.Tensor) or local_tensor(value).shape != own.shape:
@@ -84,7 +95,7 @@ def _checked_value(opt, p, key, value, element_keys):
 def param_groups_changed(opt):
     """Whether opt.param_groups no longer lists the parameters the layout was built from (a group
     added or removed by hand, params appended, removed or replaced)."""
-    groups, snapshot = opt.param_groups, opt._group_snapshot
+    groups, snapshot = opt.param_groups, opt._layout.group_lists
     if len(groups) != len(snapshot):
         return True
     for group, seen in zip(groups, snapshot):

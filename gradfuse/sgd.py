@@ -18,7 +18,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
 
     flat_buffers=True keeps the parameters, their gradients and the per-element state as views of one
     flat buffer per (group, device, dtype): autograd accumulates in place and every pass is one call,
-    however many tensors (for models of many small tensors; see gradfuse/flat_storage.py).
+    however many tensors (for models of many small tensors; see gradfuse/flat_store.py).
     """
 
     _RULE = "SGD"

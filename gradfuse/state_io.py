@@ -21,9 +21,9 @@ def export_state(opt, state_dict):
     state_dict["gradfuse"] = {
         "format_version": FORMAT_VERSION,
         "accumulation_steps": opt.accumulation_steps,
-        "micro_step": opt._micro_step,
-        "accumulators": {opt._order[k]: acc for k, acc in opt._saved_accumulators().items()},
-        "handback_scale": None if opt._handback_scale is None else opt._handback_scale.clone(),
+        "micro_step": opt.micro_step,
+        "accumulators": opt._saved_sums(),
+        "handback_scale": None if opt._store.handback_scale is None else opt._store.handback_scale.clone(),
         "skipped_steps": opt.skipped_steps.clone(),
         "last_grad_norm": None if opt.last_grad_norm is None else opt.last_grad_norm.clone(),
     }
@@ -43,7 +43,7 @@ def _spread_cycle(opt, state_dict):
     if extra["micro_step"] == 0:
         return
     for index, acc in extra["accumulators"].items():
-        state_dict["state"].setdefault(index, {})[ACCUMULATOR_KEY] = _like_sharding(acc, opt._params[index])
+        state_dict["state"].setdefault(index, {})[ACCUMULATOR_KEY] = _like_sharding(acc, opt._layout.params[index])
     for group in state_dict["param_groups"]:
         group[MICRO_STEP_KEY], group[CYCLE_LENGTH_KEY] = extra["micro_step"], extra["accumulation_steps"]
 
@@ -126,7 +126,7 @@ def _validate(opt, state_dict):
     if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(groups):
         _fail(f"it has {len(saved_groups) if isinstance(saved_groups, (list, tuple)) else 'no'} parameter groups, "
               f"this optimizer has {len(groups)}")
-    params = opt._params
+    params = opt._layout.params
     for g, (group, saved) in enumerate(zip(groups, saved_groups)):
         if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
             _fail(f"parameter group {g} has a different number of parameters than this optimizer's")
@@ -155,8 +155,7 @@ def _validate(opt, state_dict):
             _fail(f"state of parameter {index} has keys {sorted(unknown)} that {opt._RULE} does not use "
                   f"(a state dict of another optimizer?)")
         opt._check_loaded_state(index, entry, params[index], _check_tensor_for)
-    if opt._flat is not None:
-        opt._flat.check_loaded(state)
+    opt._store.check_loaded(state, opt._STATE_KEYS)
     extra = state_dict.get("gradfuse")
     if extra is None:
         return
@@ -230,19 +229,9 @@ def import_state(opt, state_dict, base_load):
     for group in opt.param_groups:  # keys torch added later (maximize, ...), filled as torch's __setstate__ does
         for key, value in opt._LEGACY_GROUP_DEFAULTS.items():
             group.setdefault(key, value)
-    for p in opt._params:
+    for p in opt._layout.params:
         state = opt.state.get(p)
         if state:
             opt._unpack_loaded_state(p, state, _like_param)
-    opt._forget_flat_state()
-    extra = state_dict.get("gradfuse")
-    if extra is None:
-        opt._restore_cycle(0, {})
-        return
-    scale = extra.get("handback_scale")
-    opt._restore_cycle(extra["micro_step"], extra["accumulators"],
-                       None if scale is None else scale.to(opt._primary_device()).clone())
-    # Copies, never views of the caller's dict: the counter is later updated in place.
-    opt._skipped_steps = extra["skipped_steps"].to(device=opt._primary_device(), dtype=torch.int64).reshape(()).clone()
-    last = extra.get("last_grad_norm")
-    opt.last_grad_norm = None if last is None else last.to(opt._primary_device()).clone()
+    opt._store.forget_state()
+    opt._load_cycle(state_dict.get("gradfuse") or {})

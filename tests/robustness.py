@@ -137,6 +137,11 @@ def held_tensors(opt, exclude=()):
         elif isinstance(obj, (list, tuple, set)):
             for i, value in enumerate(obj):
                 walk(value, f"{where}[{i}]")
+        elif type(obj).__module__.startswith("gradfuse."):  # the optimizer's own objects (its store, ...)
+            names = list(getattr(obj, "__dict__", {})) + list(getattr(type(obj), "__slots__", ()))
+            for name in names:
+                if hasattr(obj, name):
+                    walk(getattr(obj, name), f"{where}.{name}")
 
     for name, value in vars(opt).items():
         walk(value, name)

@@ -72,7 +72,7 @@ def test_groups_added_later_get_hooks_too():
     opt.add_param_group(dict(params=[b]))
     (a * b).sum().backward()
     assert a.grad is None and b.grad is None
-    assert opt._accs.count(None) == 0
+    assert opt._store.sums.count(None) == 0
 
 
 @pytest.mark.parametrize("device_name", DEVICES)

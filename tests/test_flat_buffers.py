@@ -75,9 +75,9 @@ def test_flat_storage_is_one_buffer_per_bucket_and_grad_holds_the_running_sum():
     def span(t):
         return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
 
-    for bi, b in enumerate(opt._buckets):
-        (p_start, p_end), (g_start, g_end) = span(opt._flat.params[bi]), span(opt._flat.grads[bi])
-        for p in opt._sorted[b.start:b.stop]:
+    for bi, b in enumerate(opt._layout.buckets):
+        (p_start, p_end), (g_start, g_end) = span(opt._store.params[bi]), span(opt._store.grads[bi])
+        for p in opt._layout.sorted[b.start:b.stop]:
             if p.numel():
                 assert p_start <= p.data_ptr() < p_end and p.data_ptr() % 64 == 0
                 assert g_start <= p.grad.data_ptr() < g_end
@@ -211,7 +211,7 @@ def test_flat_loads_a_torch_sgd_state_dict_and_add_param_group_keeps_state():
     opt.step()
     for i, p in enumerate(params):
         assert_close(p, expected[i], torch.float32, f"param {i}")
-    assert opt._flat.params[-1].data_ptr() <= extra.data_ptr()  # the new group has its own flat buffer
+    assert opt._store.params[-1].data_ptr() <= extra.data_ptr()  # the new group has its own flat buffer
 
 
 def test_flat_refuses_a_state_dict_that_splits_a_buffer():
@@ -238,14 +238,14 @@ def _ready(k=2):
 
 
 def _snapshot(params, opt):
-    return ([p.detach().clone() for p in params], [g.clone() for g in opt._flat.grads],
+    return ([p.detach().clone() for p in params], [g.clone() for g in opt._store.grads],
             {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
 
 
 def _assert_unchanged(params, opt, snap):
     values, grads, state = snap
     assert all(torch.equal(p, v) for p, v in zip(params, values))
-    assert all(torch.equal(g, s) for g, s in zip(opt._flat.grads, grads))
+    assert all(torch.equal(g, s) for g, s in zip(opt._store.grads, grads))
     for p, s in opt.state.items():
         assert all(torch.equal(v, state[id(p)][k]) for k, v in s.items())
 

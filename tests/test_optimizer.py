@@ -263,7 +263,7 @@ def test_plain_accumulation_runs_no_norm_pass(device, k):
         assert opt.last_grad_norm is None  # nothing consumed a norm, so none was computed
         for i, (a, b) in enumerate(zip(model.parameters(), expected[c])):
             assert_close(a, b.double(), F32, f"cycle {c}: param {i}")
-    assert opt._norm_states == {}, "a norm accumulator was used although nothing needed it"
+    assert opt._norms.states == {}, "a norm accumulator was used although nothing needed it"
 
 
 @pytest.mark.parametrize("make_scheduler", [

@@ -10,9 +10,10 @@ place at the start of a cycle and keeps it mid-cycle (set_to_none is ignored; ei
 the views again after a module.zero_grad()); every parameter is updated every cycle. Whatever breaks those rules is refused with an error naming the parameter."""
 import torch
 
-from . import public_state
+from . import direct_ops, public_state
 from ._native import FlatBinding, gather_param_state, same_objects
-from .distributed_norm import is_dtensor
+from .distributed_norm import is_dtensor, ranks_communicate
+from .sum_store import SumStore
 
 _ALIGN_BYTES = 64  # every view starts on a cache line: vector loads of one tensor stay aligned
 
@@ -54,25 +55,41 @@ def _view(flat, offset, like):
         flat.untyped_storage(), offset, like.shape, like.stride())
 
 
-class FlatStorage:
-    """The flat buffers of one optimizer's current bucket layout."""
+class _Gathered:
+    __slots__ = ("boundary",)
 
-    def __init__(self, opt, previous=None):
-        self.opt = opt
+    def __init__(self, boundary):
+        self.boundary = boundary
+
+
+class FlatStore(SumStore):
+    """The flat buffers of one optimizer's current bucket layout; .grad of every parameter is a
+    view of its bucket's gradient buffer and holds the running sum."""
+    mode = "flat_buffers"
+
+    def __init__(self, name, layout, accum_dtype, previous=None):
+        super().__init__(name, layout)
+        self.accum_dtype = accum_dtype
         self.params, self.grads = [], []  # one flat tensor per bucket
         self.states = []  # per bucket: state key -> flat tensor (per-element keys) or shared 0-dim tensor
         self.offsets = []
         # A cycle ended and its sum is still in the buffers: zero_grad() must come first.
-        self.dirty = previous is not None and previous.dirty
+        self.dirty = getattr(previous, "dirty", False)
         self._build()
+
+    def relayout(self, layout):
+        return FlatStore(self.name, layout, self.accum_dtype, self)  # new buffers, values and sums carried
+
+    def check_new_params(self, params):
+        check_flat_params(params, self.name, self.accum_dtype)
 
     @torch.no_grad()
     def _build(self):
-        opt = self.opt
-        check_flat_params(opt._sorted, opt._name, opt.accum_dtype)
+        layout = self.layout
+        check_flat_params(layout.sorted, self.name, self.accum_dtype)
         param_views, grad_views, pending = [], [], []
-        for b in opt._buckets:
-            members = opt._sorted[b.start:b.stop]
+        for b in layout.buckets:
+            members = layout.sorted[b.start:b.stop]
             offsets, total = _layout(members)
             dtype = members[0].dtype
             flat_param = torch.zeros(total, dtype=dtype, device=b.device)
@@ -89,82 +106,127 @@ class FlatStorage:
             self.grads.append(flat_grad)
             self.states.append({})
             self.offsets.append(offsets)
-        self.bound = [{} for _ in opt._buckets]  # per bucket: state key -> the per-parameter values bound
-        self.seen = [None] * len(opt._buckets)  # per bucket: (opt.state, its write count) when last checked
-        for p, view in zip(opt._sorted, param_views):  # nothing below can fail: rebind the user's tensors
+        self.bound = [{} for _ in layout.buckets]  # per bucket: state key -> the per-parameter values bound
+        self.seen = [None] * len(layout.buckets)  # per bucket: (opt.state, its write count) when last checked
+        for p, view in zip(layout.sorted, param_views):  # nothing below can fail: rebind the user's tensors
             p.data = view
         self.grad_views = grad_views  # each slot's .grad: the running sum of the cycle
-        self.binding = FlatBinding(opt._sorted, param_views, grad_views)
+        self.binding = FlatBinding(layout.sorted, param_views, grad_views)
         self.binding.bind_grads(False)
         self.binding.mark_cycle_start(pending)
 
-    # ------------------------------------------------------------------ gradients
-    def check_micro_step(self, end_of_cycle, max_bumps):
+    # ------------------------------------------------------------------ a micro-step
+    def refuse(self, amp_scale, found_inf, boundary, micro_step):
+        if amp_scale is not None or found_inf is not None:
+            raise RuntimeError(f"{self.name}: flat_buffers=True cannot be used with GradScaler: autograd sums the "
+                               f"micro-batches' scaled gradients in place, so a scale change mid-cycle could not be "
+                               f"undone; use flat_buffers=False, or bfloat16 autocast (which needs no scaler)")
+        if micro_step == 0 and self.dirty:
+            raise RuntimeError(f"{self.name}: the gradient buffers still hold the last cycle's sum; with "
+                               f"flat_buffers=True call optimizer.zero_grad() after the step that ends a cycle "
+                               f"(module.zero_grad() does not reset the optimizer's flat buffers)")
+
+    def gather(self, boundary, amp_scale):
         """Every micro-step, before anything changes: every parameter still lives in its flat
         buffer, each .grad view changed at most by max_bumps in-place writes (autograd's add, and
         DDP's copy of the reduced sum), and at the cycle's end every parameter got a gradient in it
         (a zero one would still be decayed and pushed by momentum, where torch.optim skips it). A
         .grad set to None (module.zero_grad()) with no backward since is bound to its view again."""
-        bad, reason = self.binding.check_micro_step(max_bumps, end_of_cycle)
+        max_bumps = 2 if ranks_communicate() else 1
+        bad, reason = self.binding.check_micro_step(max_bumps, boundary)
         if bad >= 0:
-            opt = self.opt
-            raise RuntimeError(f"{opt._name}: {opt._describe(opt._order[bad])} {reason}. With flat_buffers=True "
+            raise RuntimeError(f"{self.name}: {self.layout.describe_slot(bad)} {reason}. With flat_buffers=True "
                                f"parameters stay views of the optimizer's flat buffers (build the optimizer after "
                                f"moving or casting the model), .grad holds the running sum (zero it with "
                                f"optimizer.zero_grad()), and every parameter gets a gradient each cycle (else use "
                                f"flat_buffers=False).")
+        return _Gathered(boundary)
 
-    def zero_grads(self):
-        """A new cycle: the gradient buffers zeroed in place (the views' versions do not move)."""
+    def nothing(self):
+        return _Gathered(True)
+
+    def updating(self, gathered):
+        return list(range(len(self.layout.buckets))) if gathered.boundary else []
+
+    def add(self, gathered, with_norm, norms, norm_type, amp_scale):
+        """autograd has added the micro-batch into the buffers already; the cycle's end adds one
+        norm call per bucket."""
+        if not gathered.boundary:
+            return
+        if with_norm:
+            for bi, b in enumerate(self.layout.buckets):
+                direct_ops.accumulate_norm_(norms.partial(b.device, b.domain), [self.grads[bi]], norm_type)
+        self.had_gradient = True
+        self.dirty = True  # from here on the buffers hold a finished sum until zero_grad()
+
+    def update_calls(self, bucket_index):
+        b = self.layout.buckets[bucket_index]
+        return [(b.slots, [self.params[bucket_index]], [self.grads[bucket_index]])]  # the bucket as one tensor
+
+    def end_cycle(self):
+        self.had_gradient = False
+
+    def zero_grad(self, set_to_none, micro_step):
+        """A new cycle: the gradient buffers zeroed in place (the views' versions do not move);
+        mid-cycle the views keep the running sum. Either way every .grad is bound to its view again."""
+        if micro_step > 0:
+            self.binding.bind_grads(False)
+            return
         for grad in self.grads:
             grad.zero_()
         self.binding.bind_grads(True)  # after a module.zero_grad(), the coming backward adds into the views
         self.dirty = False
 
+    def check_finish_early(self):
+        raise RuntimeError(f"{self.name}: finish_cycle() works without flat_buffers=True only: autograd has already "
+                           f"summed the open cycle's micro-batches into the flat buffers as one")
+
+    # ------------------------------------------------------------------ checkpoints
+    def saved_sums(self, micro_step):
+        return {k: view.clone() for k, view in enumerate(self.grad_views)} if micro_step > 0 else {}
+
     @torch.no_grad()
-    def restore(self, sums):
-        """A saved cycle back in the buffers: sums maps slot -> raw running sum."""
-        self.zero_grads()
+    def restore(self, sums, micro_step, resumes_at_last, handback_scale=None):
+        self.zero_grad(True, 0)
         for k, total in sums.items():
             self.grad_views[k].copy_(total)
         self.binding.mark_cycle_start(sorted(sums))
+        return bool(self.layout.sorted)
 
     # ------------------------------------------------------------------ optimizer state
-    def state_tensors(self, bi, keys):
-        """The rule's state for bucket bi as one-element lists (a flat buffer or a shared scalar).
+    def rule_state(self, opt, reader, bucket_index, keys, group):
+        """The rule's state for the bucket as one-element lists (a flat buffer or a shared scalar).
         opt.state is the truth: a key whose per-parameter entries are no longer the views bound
         here (reset or replaced the torch way) is flattened again from what opt.state holds."""
-        opt, b = self.opt, self.opt._buckets[bi]
-        entry, bound = self.states[bi], self.bound[bi]
+        b = self.layout.buckets[bucket_index]
+        entry, bound = self.states[bucket_index], self.bound[bucket_index]
         state = public_state.current_state(opt)
-        if not (all(key in entry for key in keys) and public_state.unchanged_since(opt, self.seen[bi])):
-            current, _ = gather_param_state(state, opt._sorted[b.start:b.stop], list(keys))
+        if not (all(key in entry for key in keys) and public_state.unchanged_since(opt, self.seen[bucket_index])):
+            current, _ = gather_param_state(state, self.layout.sorted[b.start:b.stop], list(keys))
             stale = [key for key, values in zip(keys, current)
                      if key not in entry or not same_objects(values, bound[key])]
             if stale:
                 for key in stale:
                     entry.pop(key, None)
-                self._create_state(bi, stale)
-            self.seen[bi] = (state, state.writes)
+                self._create_state(opt, bucket_index, stale, group)
+            self.seen[bucket_index] = (state, state.writes)
         return [[entry[key]] for key in keys]
 
     def forget_state(self):
-        """After load_state_dict: the loaded per-parameter state is flattened again on next use."""
         self.states = [{} for _ in self.states]
         self.seen = [None] * len(self.states)
 
     @torch.no_grad()
-    def _create_state(self, bi, keys):
+    def _create_state(self, opt, bi, keys, group):
         """Flat state for bucket bi, starting from any per-parameter state already there (loaded,
         or from an earlier layout); a scalar (step count, written flag) is one tensor for all."""
-        opt, b = self.opt, self.opt._buckets[bi]
-        members = opt._sorted[b.start:b.stop]
-        group = opt.param_groups[b.group_index]
+        b = self.layout.buckets[bi]
+        members = self.layout.sorted[b.start:b.stop]
         fresh = opt._new_param_state(members[0], group, {})
         entry = self.states[bi]
         for key in keys:
             existing = [opt.state[p].get(key) for p in members]
-            _check_shared_scalar(opt, key, members, existing)
+            _check_shared_scalar(self.name, key in opt._ELEMENT_KEYS, key, existing)
             if key in opt._ELEMENT_KEYS:
                 flat = torch.zeros_like(self.params[bi], dtype=fresh[key].dtype)
                 values = [_view(flat, offset, p) for p, offset in zip(members, self.offsets[bi])]
@@ -180,14 +242,20 @@ class FlatStorage:
                 opt.state[p][key] = value
             self.bound[bi][key] = values
 
-    def check_loaded(self, state_by_index):
+    def exported(self, states, element_keys):
+        for state in states.values():  # one step/flag tensor per bucket here: a copy for each parameter
+            for key, value in state.items():
+                if key not in element_keys and isinstance(value, torch.Tensor):
+                    state[key] = value.clone()
+
+    def check_loaded(self, state_by_index, state_keys):
         """Before load_state_dict changes anything: within a bucket, every parameter has the same
         state keys and the same step count (the bucket is updated as one)."""
-        opt = self.opt
-        for b in opt._buckets:
-            indices = [opt._order[k] for k in range(b.start, b.stop)]
+        layout = self.layout
+        for b in layout.buckets:
+            indices = [layout.order[k] for k in b.slots]
             entries = [state_by_index.get(i) or {} for i in indices]
-            for key in sorted(opt._STATE_KEYS):
+            for key in sorted(state_keys):
                 present = [entry.get(key) is not None for entry in entries]
                 if any(present) and not all(present):
                     missing = indices[present.index(False)]
@@ -199,13 +267,13 @@ class FlatStorage:
                                  f"step counts {sorted(steps)}; flat_buffers=True steps a buffer as one")
 
 
-def _check_shared_scalar(opt, key, members, existing):
+def _check_shared_scalar(name, per_element, key, existing):
     """A scalar state entry (step count, written flag) is one tensor for a whole flat buffer: the
     values found in opt.state must agree (read on the host: only when state is flattened again)."""
-    if key in opt._ELEMENT_KEYS:
+    if per_element:
         return
     present = [value for value in existing if value is not None]
     if present and (len(present) != len(existing) or len({float(v) for v in present}) > 1):
-        raise ValueError(f"{opt._name}: opt.state[p][{key!r}] differs between parameters of one flat buffer (or is "
+        raise ValueError(f"{name}: opt.state[p][{key!r}] differs between parameters of one flat buffer (or is "
                          f"missing for some); flat_buffers=True keeps one {key} per buffer: set it alike for all "
                          f"of them, or reset their state together")

@@ -1,0 +1,111 @@
+"""accumulate_in_backward=True: each parameter's gradient is added to its running sum the moment
+autograd has produced it (a post-accumulate-grad hook) and .grad is freed at once, so an open
+cycle holds the sums plus about one layer's gradient instead of the sums plus every parameter's
+.grad. step() still marks each micro-batch (and reads any .grad left, e.g. of a parameter unfrozen
+after the hooks were registered)."""
+import weakref
+
+import torch
+
+from . import direct_ops, gradient_codes
+from .adopting_store import AdoptingStore
+from .distributed_norm import is_dtensor
+
+
+class BackwardHookStore(AdoptingStore):
+    """Hooks on every parameter of the layout that requires grad; they hold the store weakly and are
+    removed when it is collected (with its optimizer, or replaced by a new layout's store) or by
+    detach() (FusedAccumOptimizer.remove_backward_hooks())."""
+    mode = "accumulate_in_backward"
+
+    def __init__(self, name, layout, previous=None):
+        for k, p in enumerate(layout.sorted):
+            if is_dtensor(p):
+                raise ValueError(f"{name}: accumulate_in_backward=True does not support DTensor (FSDP2) "
+                                 f"{layout.describe_slot(k)}: FSDP2 produces its gradients itself; use the default "
+                                 f"mode")
+        super().__init__(name, layout, previous)
+        self.pending = previous.pending if isinstance(previous, BackwardHookStore) else False
+        self.handles = []
+        weakref.finalize(self, _remove_all, self.handles)
+        owner = weakref.ref(self)
+        for bi, b in enumerate(layout.buckets):
+            for k in b.slots:
+                if layout.sorted[k].requires_grad:  # torch accepts frozen parameters; autograd gives them none
+                    self.handles.append(layout.sorted[k].register_post_accumulate_grad_hook(_hook(owner, k, bi)))
+
+    def relayout(self, layout):
+        self.detach()  # hooks know their slot: new layout, new hooks
+        return BackwardHookStore(self.name, layout, self)
+
+    def detach(self):
+        _remove_all(self.handles)
+
+    @torch.no_grad()
+    def add_from_hook(self, k, bucket_index, param):
+        """sum[k] += param.grad (adopted when it is the first and already the sum's kind)."""
+        grad = param.grad
+        if grad is None:
+            return
+        if grad.layout != torch.strided or grad.dtype != param.dtype or grad.shape != param.shape:
+            raise RuntimeError(f"{self.name}: {self.layout.describe_slot(k)} got a {grad.layout} {grad.dtype} "
+                               f"gradient of shape {tuple(grad.shape)}; accumulate_in_backward=True needs dense "
+                               f"gradients shaped and typed like their parameters")
+        param.grad = None  # freed now: the point of this mode
+        self.pending = True
+        code = gradient_codes.code_for(grad, param)
+        if code == gradient_codes.RELAYOUT:
+            grad = torch.empty_like(param).copy_(grad)  # the kernels sweep both as flat memory
+            code = gradient_codes.ADOPT
+        b, acc = self.layout.buckets[bucket_index], self.sums[k]
+        if acc is None:
+            if code == gradient_codes.ADOPT and grad.dtype == b.acc_dtype:
+                self.sums[k] = grad  # nobody else holds it any more
+            else:
+                self.sums[k] = self._owned_buffer(k, b)
+                direct_ops.accumulate_([self.sums[k]], [grad], 1.0, True, None, 2.0)
+            self.live[bucket_index] += 1
+        else:
+            direct_ops.accumulate_([acc], [grad], 1.0, False, None, 2.0)
+        self.had_gradient = True
+
+    def refuse(self, amp_scale, found_inf, boundary, micro_step):
+        if amp_scale is not None:
+            raise RuntimeError(f"{self.name}: accumulate_in_backward=True cannot be used with GradScaler: the "
+                               f"gradients are accumulated during backward, before scaler.step() gives the scale")
+
+    def add(self, gathered, with_norm, norms, norm_type, amp_scale):
+        super().add(gathered, with_norm, norms, norm_type, amp_scale)
+        self.pending = False  # this micro-batch is taken: zero_grad() may follow
+
+    def zero_grad(self, set_to_none, micro_step):
+        if self.pending:
+            raise RuntimeError(f"{self.name}: a backward pass since the last step() already added its gradients "
+                               f"to the running sums (accumulate_in_backward=True frees .grad as it goes), so "
+                               f"zero_grad() cannot discard them. Call step() after every backward you keep; to "
+                               f"drop a batch, skip its backward, or use accumulate_in_backward=False")
+        super().zero_grad(set_to_none, micro_step)
+
+    def check_finish_early(self):
+        if self.pending:
+            raise RuntimeError(f"{self.name}: a backward since the last step() is in the running sums but not yet "
+                               f"counted: call step() for it first, then finish_cycle()")
+
+    def check_copyable(self):
+        raise RuntimeError(f"{self.name}: an optimizer with accumulate_in_backward=True cannot be copied or pickled "
+                           f"(its backward hooks belong to the original parameters); save opt.state_dict() and "
+                           f"load it into a new optimizer instead")
+
+
+def _hook(owner, k, bucket_index):
+    def hook(param):
+        store = owner()
+        if store is not None:
+            store.add_from_hook(k, bucket_index, param)
+    return hook
+
+
+def _remove_all(handles):
+    for handle in handles:
+        handle.remove()
+    handles.clear()

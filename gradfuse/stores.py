@@ -1,0 +1,26 @@
+"""Which store holds each mode's running sums (the interface: sum_store.py)."""
+from .adopting_store import AdoptingStore
+from .backward_hook_store import BackwardHookStore
+from .distributed_norm import ranks_communicate
+from .flat_store import FlatStore
+from .hand_back_store import HandBackStore
+
+MODES = ("default", "accumulate_in_backward", "flat_buffers")
+
+
+def make(mode, name, layout, accum_dtype, previous=None):
+    """The store of `mode` over layout, carrying previous's sums (and buffers) where it can."""
+    if mode == "flat_buffers":
+        return FlatStore(name, layout, accum_dtype, previous)
+    if mode == "accumulate_in_backward":
+        return BackwardHookStore(name, layout, previous)
+    # Where ranks communicate, the default mode hands its sums back for DDP's one all-reduce.
+    return (HandBackStore if ranks_communicate() else AdoptingStore)(name, layout, previous)
+
+
+def for_new_cycle(store, accum_dtype):
+    """At a cycle's start: the default mode's store follows whether ranks communicate now (a
+    process group may be set up, or torn down, after the optimizer was built)."""
+    if store.mode == "default" and isinstance(store, HandBackStore) != ranks_communicate():
+        return make("default", store.name, store.layout, accum_dtype, store)
+    return store
