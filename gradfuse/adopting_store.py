@@ -11,7 +11,7 @@ from ._native import first_modified
 from .distributed_norm import is_dtensor, local_tensor, ranks_communicate
 from .sum_store import SumStore
 
-NONE, ADOPT, RELAYOUT = gradient_codes.NONE, gradient_codes.ADOPT, gradient_codes.RELAYOUT
+NONE, ADOPT, COPY, RELAYOUT = gradient_codes.NONE, gradient_codes.ADOPT, gradient_codes.COPY, gradient_codes.RELAYOUT
 
 
 class Gathered:
@@ -56,6 +56,8 @@ class AdoptingStore(SumStore):
         bad, reason, codes, grads = layout.inspector.gather()
         if bad >= 0:
             raise RuntimeError(f"{self.name}: {layout.describe_slot(bad)} {reason}")
+        if layout.views:
+            codes = self._through_views(grads, codes)
         if layout.has_sharded:
             codes = self._local_shards_of(grads, codes)
         if RELAYOUT in codes:  # rare: a dense gradient laid out unlike its parameter
@@ -68,6 +70,15 @@ class AdoptingStore(SumStore):
         if boundary:
             self._check_adopted_untouched()
         return Gathered(grads, codes, boundary)
+
+    def _through_views(self, grads, codes):
+        """Gradients of parameters updated through a KernelView in the kernels' form, always copied."""
+        codes = bytearray(codes)
+        for k, view in self.layout.views.items():
+            if grads[k] is not None:
+                grads[k] = view.grad(grads[k])
+                codes[k] = COPY[0]
+        return bytes(codes)
 
     def nothing(self):
         n = len(self.layout.sorted)
@@ -179,7 +190,9 @@ class AdoptingStore(SumStore):
     def _owned_buffer(self, k, bucket):
         """Slot k's own sum buffer (kept across cycles: first=True overwrites it)."""
         if self.owned[k] is None:
-            self.owned[k] = torch.empty_like(local_tensor(self.layout.sorted[k]), dtype=bucket.acc_dtype)
+            view = self.layout.views.get(k)
+            self.owned[k] = view.sum_buffer(bucket.acc_dtype) if view is not None else \
+                torch.empty_like(local_tensor(self.layout.sorted[k]), dtype=bucket.acc_dtype)
         return self.owned[k]
 
     # ------------------------------------------------------------------ the cycle's end
@@ -207,9 +220,12 @@ class AdoptingStore(SumStore):
     def _kernel_params(self, slots):
         """The tensors the kernels update: DTensor parameters by their local shard, read anew
         (FSDP2 may rebind it after the optimizer was built)."""
-        params = self.layout.sorted
-        chosen = params[slots.start:slots.stop] if isinstance(slots, range) else [params[k] for k in slots]
-        return [local_tensor(p) for p in chosen] if self.layout.has_sharded else chosen
+        layout = self.layout
+        chosen = layout.sorted[slots.start:slots.stop] if isinstance(slots, range) else [layout.sorted[k] for k in slots]
+        if layout.views:
+            indices = slots if not isinstance(slots, range) else list(slots)
+            chosen = [layout.views[k].param_for_update() if k in layout.views else p for k, p in zip(indices, chosen)]
+        return [local_tensor(p) for p in chosen] if layout.has_sharded else chosen
 
     def end_cycle(self):
         n = len(self.sums)
@@ -247,7 +263,9 @@ class AdoptingStore(SumStore):
                                f"micro-batches were not communicated yet")
 
     def saved_sums(self, micro_step):
-        return {k: acc.clone() for k, acc in enumerate(self.sums) if acc is not None}
+        views = self.layout.views
+        return {k: views[k].saved(acc.clone()) if k in views else acc.clone()
+                for k, acc in enumerate(self.sums) if acc is not None}
 
     def restore(self, sums, micro_step, resumes_at_last, handback_scale=None):
         self.end_cycle()
@@ -255,7 +273,8 @@ class AdoptingStore(SumStore):
             for k in b.slots:
                 saved = sums.get(k)
                 if saved is not None:
-                    self.sums[k] = self._owned_buffer(k, b).copy_(saved)
+                    view = self.layout.views.get(k)
+                    self.sums[k] = self._owned_buffer(k, b).copy_(saved if view is None else view.grad(saved))
                     self.live[bi] += 1
         self.had_gradient = any(a is not None for a in self.sums)
         return bool(self.layout.sorted)

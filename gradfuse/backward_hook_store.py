@@ -53,8 +53,11 @@ class BackwardHookStore(AdoptingStore):
                                f"gradients shaped and typed like their parameters")
         param.grad = None  # freed now: the point of this mode
         self.pending = True
-        code = gradient_codes.code_for(grad, param)
-        if code == gradient_codes.RELAYOUT:
+        view = self.layout.views.get(k)
+        code = gradient_codes.code_for(grad, param) if view is None else gradient_codes.COPY
+        if view is not None:
+            grad = view.grad(grad)
+        elif code == gradient_codes.RELAYOUT:
             grad = torch.empty_like(param).copy_(grad)  # the kernels sweep both as flat memory
             code = gradient_codes.ADOPT
         b, acc = self.layout.buckets[bucket_index], self.sums[k]

@@ -11,7 +11,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from . import copying, hyperparameters as hp, public_state, stores
+from . import copying, hyperparameters as hp, kernel_views, public_state, stores
 from ._native import inspect_parameters
 from .distributed_norm import local_tensor, ranks_communicate
 from .layout import Layout, build_layout
@@ -189,14 +189,14 @@ class FusedAccumOptimizer(Optimizer):
         """The checks a group's parameters pass before they join (also when param_groups was edited)."""
         if len({id(p) for p in params}) != len(params):
             raise ValueError("a parameter group contains the same tensor more than once")
-        bad, reason = inspect_parameters(params)
+        bad, reason = inspect_parameters([kernel_views.probe(p) for p in params])
         if bad >= 0:
             raise ValueError(f"{self._name}: parameter {bad} of {what} {reason}")
         known = {id(p) for p in others}
         if any(id(p) in known for p in params):
             raise ValueError("some parameters appear in more than one parameter group")
         for p in params:
-            hp.accumulator_dtype(p.dtype, self.accum_dtype)
+            hp.accumulator_dtype(kernel_views.kernel_dtype(p.dtype), self.accum_dtype)
         if self._store is not None:
             self._store.check_new_params(params)
         _check_no_shared_memory(others + params, self._name)
@@ -362,6 +362,7 @@ class FusedAccumOptimizer(Optimizer):
                 if bucket.device not in norm_on:
                     norm_on[bucket.device] = total.to(bucket.device)
                 self._update_bucket(bi, slots, params, sums, group, lr, norm_on[bucket.device], scale)
+            self._layout.write_back(bi)
         self._end_cycle()
         self._skip_watch.after_cycle(self, self._name)
         for hook in list(self._update_post_hooks.values()):
@@ -390,7 +391,11 @@ class FusedAccumOptimizer(Optimizer):
         for key in keys:
             values = self._cycle_state[bucket_index][key]
             chosen = values if whole else [values[k - bucket.start] for k in slots]
-            lists.append([local_tensor(t) for t in chosen] if bucket.sharded else chosen)
+            if bucket.sharded:
+                chosen = [local_tensor(t) for t in chosen]
+            elif bucket.viewed:  # complex state on its real view, as the kernels update it
+                chosen = [kernel_views.KernelView.state(t) for t in chosen]
+            lists.append(chosen)
         return lists
 
     def _new_param_state(self, p, group, state):
@@ -464,10 +469,16 @@ def _split_named(params):
 def _check_no_shared_memory(params, name):
     """Parameters must not share memory: one update pass would write the same bytes twice. A
     DTensor is checked by its local shard (its own data_ptr() is not the memory it updates)."""
-    locals_ = [(local_tensor(p), i) for i, p in enumerate(params)]
-    spans = sorted((str(t.device), t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
-                   for t, i in locals_ if t.numel() > 0)
-    for (dev_a, _, end_a, i), (dev_b, start_b, _, j) in zip(spans, spans[1:]):
-        if dev_a == dev_b and start_b < end_a:
-            raise ValueError(f"parameters {min(i, j)} and {max(i, j)} share memory (views of one tensor?); "
-                             f"{name} needs every parameter in its own memory")
+    tensors = [local_tensor(p) for p in params]
+    spans = sorted((str(t.device), *kernel_views.memory_span(t), i) for i, t in enumerate(tensors) if t.numel() > 0)
+    open_spans = []  # (end, index) of earlier spans on the device that may reach the next one
+    device = None
+    for dev, start, end, j in spans:
+        if dev != device:
+            device, open_spans = dev, []
+        open_spans = [(e, i) for e, i in open_spans if e > start]
+        for _, i in open_spans:
+            if kernel_views.share_elements(tensors[i], tensors[j]):
+                raise ValueError(f"parameters {min(i, j)} and {max(i, j)} share memory (views of one tensor?); "
+                                 f"{name} needs every parameter in its own memory")
+        open_spans.append((end, j))

@@ -13,6 +13,7 @@ import torch
 from . import direct_ops, public_state
 from ._native import FlatBinding, gather_param_state, same_objects
 from .distributed_norm import is_dtensor, ranks_communicate
+from .kernel_views import needs_view
 from .sum_store import SumStore
 
 _ALIGN_BYTES = 64  # every view starts on a cache line: vector loads of one tensor stay aligned
@@ -24,6 +25,9 @@ def check_flat_params(params, name, accum_dtype):
         if is_dtensor(p):
             raise ValueError(f"{name}: flat_buffers=True does not support DTensor (FSDP2) parameter {i}: FSDP2 "
                              f"owns their storage; use the default mode")
+        if needs_view(p):
+            raise ValueError(f"{name}: parameter {i} is complex or not dense in memory; flat_buffers=True holds real, "
+                             f"dense parameters (use the default mode, which updates such parameters as torch does)")
         if not p.requires_grad:
             raise ValueError(f"{name}: parameter {i} does not require grad; flat_buffers=True updates every "
                              f"parameter it holds each cycle, so pass only trainable ones "

@@ -27,6 +27,11 @@ class HandBackStore(AdoptingStore):
     mode = "default"  # the user's mode is unchanged: this is the default store where ranks communicate
 
     def __init__(self, name, layout, previous=None):
+        if layout.views:
+            k = next(iter(layout.views))
+            raise ValueError(f"{name}: {layout.describe_slot(k)} is complex or not dense in memory; under "
+                             f"torch.distributed gradfuse hands running sums back as .grad, which needs real, "
+                             f"dense parameters (make it contiguous, or view a complex one with view_as_real)")
         self.handed: List[Optional[int]] = [None] * len(layout.sorted)  # version of a sum handed back as .grad
         self.handed_back = False
         self.handback_scale = None  # GradScaler's scale the handed-back sums were multiplied by

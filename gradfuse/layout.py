@@ -8,17 +8,19 @@ import torch
 from . import hyperparameters as hp
 from ._native import GradientInspector
 from .distributed_norm import is_dtensor, shard_groups
+from .kernel_views import KernelView, kernel_dtype, needs_view
 
 
 class Bucket:
     """Slots [start, stop) of the sorted parameter list sharing group, device, dtype and norm
     domain (the key of Layout.domains whose process groups its norm partial is reduced over)."""
-    __slots__ = ("start", "stop", "group_index", "device", "acc_dtype", "adopts", "domain", "sharded")
+    __slots__ = ("start", "stop", "group_index", "device", "acc_dtype", "adopts", "domain", "sharded", "viewed")
 
     def __init__(self, start, group_index, device, acc_dtype, adopts, domain, sharded):
         self.start, self.stop = start, start + 1
         self.group_index, self.device, self.acc_dtype, self.adopts = group_index, device, acc_dtype, adopts
         self.domain, self.sharded = domain, sharded
+        self.viewed = False  # some slot is updated through a KernelView (kernel_views.py)
 
     @property
     def slots(self):
@@ -29,7 +31,7 @@ class Layout:
     """params: the state_dict order; sorted: the slot order (sorted[k] is params[order[k]]);
     inspector: the native reader of the slots' .grad."""
     __slots__ = ("params", "group_of", "order", "sorted", "buckets", "domains", "has_sharded", "inspector",
-                 "group_lists")
+                 "group_lists", "views")
 
     def __init__(self, params, group_of, order, buckets, domains, group_lists):
         self.params: List[torch.Tensor] = params
@@ -41,6 +43,9 @@ class Layout:
         self.has_sharded = any(b.sharded for b in buckets)
         self.inspector = GradientInspector(self.sorted)
         self.group_lists = group_lists  # the params lists it was built from: an edit of param_groups shows
+        self.views: Dict[int, KernelView] = {k: KernelView(p) for k, p in enumerate(self.sorted) if needs_view(p)}
+        for b in buckets:
+            b.viewed = any(k in self.views for k in b.slots)
 
     @property
     def primary_device(self):
@@ -55,6 +60,13 @@ class Layout:
 
     def describe_slot(self, k):
         return self.describe(self.order[k])
+
+    def write_back(self, bucket_index):
+        """After the bucket's update: parameters updated through a working copy get its values."""
+        if self.buckets[bucket_index].viewed:
+            for k in self.buckets[bucket_index].slots:
+                if k in self.views:
+                    self.views[k].write_back()
 
 
 def build_layout(param_groups, process_group, accum_dtype, name) -> Layout:
@@ -76,7 +88,7 @@ def build_layout(param_groups, process_group, accum_dtype, name) -> Layout:
     for k, i in enumerate(order):
         if not buckets or keys[order[k - 1]] != keys[i]:
             p = params[i]
-            acc_dtype = hp.accumulator_dtype(p.dtype, accum_dtype)
+            acc_dtype = hp.accumulator_dtype(kernel_dtype(p.dtype), accum_dtype)
             buckets.append(Bucket(k, keys[i][0], p.device, acc_dtype, acc_dtype == p.dtype, keys[i][3], is_dtensor(p)))
         buckets[-1].stop = k + 1
     return Layout(params, [gi for gi, _ in entries], order, buckets, domains,

@@ -7,6 +7,7 @@ import torch
 
 from ._native import gather_param_state, same_objects
 from .distributed_norm import local_tensor
+from .kernel_views import is_dense
 from .tracked_state import TrackedState, tracked
 
 
@@ -78,6 +79,8 @@ def _checked_value(opt, p, key, value, element_keys):
             raise ValueError(f"{where()} is {local.dtype} on {local.device}, but the parameter is {own.dtype} on "
                              f"{own.device}; set a tensor like the parameter, or reset the state with "
                              f"opt.state[p] = {{}}")
+        if value is local and local.numel() > 1 and local.stride() != _state_strides(own):
+            return torch.empty_like(own).copy_(value)  # a copy the kernels sweep alongside the parameter
         return value
     if key == "step":
         if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.float32 \
@@ -90,6 +93,12 @@ def _checked_value(opt, p, key, value, element_keys):
     if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.device != own.device:
         raise ValueError(f"{where()} is {value!r}; reset the state with opt.state[p] = {{}}")
     return value
+
+
+def _state_strides(param):
+    """The layout the kernels need for a state tensor of param: its own, or (a non-dense param) the
+    dense layout empty_like gives it."""
+    return param.stride() if is_dense(param) else torch.empty_like(param).stride()
 
 
 def param_groups_changed(opt):

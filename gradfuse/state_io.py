@@ -115,7 +115,7 @@ def _check_tensor_for(name, value, param):
         _fail(f"{name} is {type(value).__name__}, expected a tensor")
     if value.shape != param.shape:
         _fail(f"{name} has shape {tuple(value.shape)} but its parameter has shape {tuple(param.shape)}")
-    if not value.is_floating_point():
+    if not (value.is_floating_point() or (value.is_complex() and param.is_complex())):
         _fail(f"{name} has dtype {value.dtype}, expected a floating-point tensor")
 
 

@@ -123,6 +123,27 @@ def ddp_flat_bucket_view_refused(rank, ranks):
         raise AssertionError("the refused step changed parameters")
 
 
+def strided_param_refused_under_ddp(rank, ranks):
+    """Under torch.distributed the running sums go back as .grad, which a complex or gappy parameter's
+    kernel view cannot be: refused when the optimizer is built, before anything changes."""
+    base = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
+    params = [base[:, ::2].requires_grad_(), torch.randn(3, dtype=torch.complex64).requires_grad_()]
+    before = [p.detach().clone() for p in params]
+    for params_given in (params[:1], params[1:]):
+        try:
+            opt = FusedAccumSGD(params_given, lr=0.1, accumulation_steps=2)
+            for p in params_given:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        except ValueError as error:
+            if "is complex or not dense in memory; under torch.distributed" not in str(error):
+                raise
+        else:
+            raise AssertionError("a gappy or complex parameter under torch.distributed was not refused")
+    if not all(torch.equal(p, b) for p, b in zip(params, before)):
+        raise AssertionError("the refused step changed parameters")
+
+
 def fsdp2_flat_buffers_refused(rank, ranks):
     """FSDP2 owns its DTensor parameters' storage: flat_buffers=True must refuse them at construction."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -58,9 +58,9 @@ def fresh(run, shape=(4,), dtype=F32, **kw):
     return randn(shape, dtype, run.device, run.gen).requires_grad_(**kw)
 
 
-def strided_param(run):
+def overlapping_strided_params(run):
     base = randn((6, 4), F32, run.device, run.gen)
-    return [base[:, ::2].requires_grad_()]
+    return [base[:, ::2].requires_grad_(), base[::3, :].requires_grad_()]  # element [0, 0] is in both
 
 
 def overlapping_params(run):
@@ -130,10 +130,9 @@ CASES = [
     ("grad_shape", bad_grad(0, set_data(lambda g: g.reshape(-1)[:7].clone())), RuntimeError, NAMED0 + r" has a gradient of shape \[7\] but the parameter has shape \[5, 4\]", False),
     ("grad_dtype", bad_grad(LATER, set_data(lambda g: g.double())), RuntimeError, NAMED3 + r" has a gradient of dtype Double but the parameter is Float", False),
     ("grad_device", bad_grad(0, set_data(other_device)), RuntimeError, NAMED0 + r" has its gradient on \w+.* but the parameter is on", True),
-    ("complex_param_new_group", add_group(complex_params), ValueError, r"parameter 0 of the new group is complex", False),
-    ("complex_param_constructor", lambda run: FusedAccumSGD(complex_params(run), lr=0.1), ValueError, r"is complex.*view_as_real", False),
+    ("complex_param_flat_buffers", lambda run: FusedAccumSGD(complex_params(run), lr=0.1, flat_buffers=True), ValueError, r"parameter 0 is complex or not dense in memory; flat_buffers=True holds real, dense", False),
     ("integer_param", add_group(lambda run: [torch.ones(3, dtype=torch.int64, device=run.device)]), ValueError, r"has dtype Long", False),
-    ("strided_param", add_group(strided_param), ValueError, r"parameter 0 of the new group is not dense in memory", False),
+    ("overlapping_strided_params", add_group(overlapping_strided_params), ValueError, r"share memory", False),
     ("params_share_memory", add_group(overlapping_params), ValueError, r"share memory", False),
     ("new_param_views_live_one", add_group(lambda run: [run.params[0].detach().view(-1)[3:9].requires_grad_()]), ValueError, r"share memory", False),
     ("same_tensor_twice", add_group(lambda run: [fresh(run)] * 2), ValueError, r"same tensor more than once", False),

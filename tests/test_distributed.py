@@ -62,6 +62,10 @@ def test_ddp_flat_buffers_refuse_gradient_as_bucket_view():
     spawn(2, "ddp_flat_bucket_view_refused")
 
 
+def test_complex_and_gappy_params_refused_under_torch_distributed():
+    spawn(2, "strided_param_refused_under_ddp")
+
+
 def test_fsdp2_flat_buffers_refused():
     spawn(2, "fsdp2_flat_buffers_refused")
 

@@ -274,8 +274,13 @@ def test_tensor_betas_as_torch_accepts_them():
 
 def test_errors_name_the_optimizer_that_raised():
     with pytest.raises(ValueError) as error:
-        FusedAccumAdamW([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
-    assert "FusedAccumSGD" not in str(error.value)
+        FusedAccumAdamW([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], flat_buffers=True)
+    assert "FusedAccumAdamW" in str(error.value) and "FusedAccumSGD" not in str(error.value)
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.zeros(3).to_sparse()
+    with pytest.raises(RuntimeError) as error:
+        FusedAccumAdamW([p]).step()
+    assert "FusedAccumAdamW" in str(error.value) and "FusedAccumSGD" not in str(error.value)
 
 
 # ------------------------------------------------------------------ torch.distributed.checkpoint
