@@ -37,12 +37,13 @@ class FusedAccumAdamW(FusedAccumOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, accumulation_steps=1, max_grad_norm=None, norm_type=2.0, skip_nonfinite=True,
                  error_if_nonfinite=False, accum_dtype=None, process_group=None, accumulate_in_backward=False,
-                 flat_buffers=False):
+                 flat_buffers=False, clip=None, skip=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, defaults, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
                          norm_type=norm_type, skip_nonfinite=skip_nonfinite, error_if_nonfinite=error_if_nonfinite,
                          accum_dtype=accum_dtype, process_group=process_group,
-                         accumulate_in_backward=accumulate_in_backward, flat_buffers=flat_buffers)
+                         accumulate_in_backward=accumulate_in_backward, flat_buffers=flat_buffers, clip=clip,
+                         skip=skip)
 
     def _check_group(self, group, check_tensor_lr=True):
         hp.check_adamw_group(group, check_tensor_lr)
@@ -59,14 +60,15 @@ class FusedAccumAdamW(FusedAccumOptimizer):
                             else torch.zeros_like(p, memory_format=torch.preserve_format))
         return new
 
-    def _update_bucket(self, bi, slots, params, accs, group, lr, total_norm, grad_scale):
+    def _update_bucket(self, bi, slots, params, accs, group, lr, verdict, grad_scale):
         keys = self._required_slot_keys(group)
         state = dict(zip(keys, self._slot_tensors(bi, slots, keys)))
         beta1, beta2 = (float(beta) for beta in group["betas"])  # tensor betas are read here
         direct_ops.clipped_adamw_step_(params, accs, state["exp_avg"], state["exp_avg_sq"],
-                                       state.get("max_exp_avg_sq", []), state["step"], total_norm, lr,
+                                       state.get("max_exp_avg_sq", []), state["step"],
+                                       verdict.norm_on(params[0].device), lr,
                                        beta1, beta2, group["eps"], group["weight_decay"], group["amsgrad"],
-                                       group["maximize"], grad_scale, self.max_grad_norm, self._skips_nonfinite())
+                                       group["maximize"], grad_scale, verdict.max_norm, verdict.skip_nonfinite)
 
     # ------------------------------------------------------------------ checkpoint hooks
     def _pack_param_states(self, states, read_flags):

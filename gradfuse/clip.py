@@ -238,6 +238,25 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         return norm64.to(_result_dtype(buckets))
 
 
+def clip_with_policy_(parameters, coefficient_of):
+    """Scales the parameters' gradients by coefficient_of(norm), norm being their float64 global
+    2-norm (a device tensor; DTensor gradients give the global norm): a clip policy's standalone use."""
+    with torch.no_grad():
+        parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        grads = _gradients(parameters)
+        if not grads:  # as zclip: a norm of 0 still counts for the policy
+            norm = torch.zeros((), dtype=torch.float64)
+            coefficient_of(norm)
+            return norm
+        buckets = _buckets(grads, "gradients")
+        if buckets is None:
+            raise ValueError("gradfuse: a clip policy needs gradients the kernels read (float16/bfloat16/float32/"
+                             "float64, dense, on CPU or CUDA)")
+        norm64 = _norm64(buckets, 2.0, grads[0].device)
+        _scale_(buckets, coefficient_of(norm64))
+        return norm64
+
+
 def _torch_only(tensors, norm_type):
     """None (torch's implementation handles it) for a norm type the kernels do not compute; an
     error for DTensors, whose norm torch would leave local."""

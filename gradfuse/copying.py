@@ -17,6 +17,8 @@ def extra_state(opt):
         "handback_scale": opt._store.handback_scale,
         "skipped_steps": opt._skipped_steps,
         "last_grad_norm": opt.last_grad_norm,
+        "policies": {"clip": opt.clip, "skip": opt.skip},  # copied with their state
+        "loss_sum": opt._loss_sum, "loss_count": opt._loss_count,
     }
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from . import copying, hyperparameters as hp, kernel_views, public_state, stores
+from . import copying, cycle_verdict, hyperparameters as hp, kernel_views, public_state, stores
 from ._native import inspect_parameters
 from .distributed_norm import local_tensor, ranks_communicate
 from .layout import Layout, build_layout
@@ -52,10 +52,11 @@ class FusedAccumOptimizer(Optimizer):
 
     def __init__(self, params, defaults, *, accumulation_steps=1, max_grad_norm=None, norm_type=2.0,
                  skip_nonfinite=True, error_if_nonfinite=False, accum_dtype=None, process_group=None,
-                 accumulate_in_backward=False, flat_buffers=False):
+                 accumulate_in_backward=False, flat_buffers=False, clip=None, skip=None):
         self._init_private()
         self.accumulation_steps = hp.check_accumulation_steps(accumulation_steps)
         self.max_grad_norm = hp.check_max_grad_norm(max_grad_norm)
+        self.clip, self.skip = hp.check_policies(clip, skip, max_grad_norm)
         self.norm_type = hp.check_norm_type(norm_type)
         self.skip_nonfinite = hp.check_flag("skip_nonfinite", skip_nonfinite)
         self.error_if_nonfinite = hp.check_flag("error_if_nonfinite", error_if_nonfinite)
@@ -86,6 +87,9 @@ class FusedAccumOptimizer(Optimizer):
         self._norms = NormPartials()
         self._state_reader = public_state.RuleStateReader()
         self._cycle_state: Dict[int, dict] = {}  # bucket -> the rule's state this cycle's update reads
+        self.clip = self.skip = None  # the cycle policies (ZClip, SpikeSkip); max_grad_norm alone when None
+        self._loss_sum, self._loss_count = None, 0  # step(loss=...) of the open cycle, for the skip policy
+        self.last_step_skipped: Optional[torch.Tensor] = None
         self._micro_step = 0
         self._amp_cycle = False  # a GradScaler step took part in this cycle
         self._unused_norm: Dict[torch.device, torch.Tensor] = {}  # stands in when no norm is needed
@@ -112,6 +116,8 @@ class FusedAccumOptimizer(Optimizer):
         self._init_private()
         for name, value in settings.items():
             setattr(self, name, value)
+        policies = extra.get("policies", {})
+        self.clip, self.skip = policies.get("clip"), policies.get("skip")
         self._rebuild_layout()
         if mode != "default":
             self._store = stores.make(mode, self._name, self._layout, self.accum_dtype, self._store)
@@ -270,16 +276,20 @@ class FusedAccumOptimizer(Optimizer):
 
     @torch.compiler.disable  # always eager: one documented graph break, the state lives in Python
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
+    def step(self, closure=None, *, loss=None):
+        """One micro-batch. loss (optional, a tensor or number): this micro-batch's loss, which
+        skip=SpikeSkip(...) judges with the norm (the cycle's mean; averaged over ranks)."""
+        if loss is not None:
+            loss = hp.check_loss(loss, self._name)
+        closure_loss = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                closure_loss = closure()
         if public_state.called_by_dcp_init():
             # torch.distributed.checkpoint's get_state_dict/set_state_dict step once with zero gradients
             # to create the state layout: create it, but the step is no micro-batch of a cycle.
             self._gather_cycle_state(range(len(self._layout.buckets)))
-            return loss
+            return closure_loss
         if public_state.param_groups_changed(self):
             self._adopt_edited_param_groups()
         for group in self.param_groups:
@@ -298,13 +308,17 @@ class FusedAccumOptimizer(Optimizer):
         self._amp_cycle = self._amp_cycle or amp_scale is not None or found_inf is not None
         if found_inf is not None:  # GradScaler's verdict, honoured like torch's fused optimizers: skip the cycle
             self._norms.flag(self.skipped_steps.device, found_inf)
+        if loss is not None:  # summed on the device: no sync
+            loss = loss.to(device=self.skipped_steps.device, dtype=torch.float64)
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_count += 1
         store.add(gathered, boundary and self._needs_norm(), self._norms, self.norm_type, amp_scale)
         if boundary:
             self._finish_cycle()
         else:
             self._micro_step += 1
             store.after_micro_step(self._micro_step + 1 == self.accumulation_steps, amp_scale)
-        return loss
+        return closure_loss
 
     def _amp_inputs(self):
         """GradScaler's scale and found_inf, as scaler.step(opt) set them (None without a scaler)."""
@@ -316,7 +330,8 @@ class FusedAccumOptimizer(Optimizer):
     # ------------------------------------------------------------------ the cycle's end
     def _needs_norm(self):
         """The norm pass runs only when something uses it: clipping, skipping or raising."""
-        return self.max_grad_norm is not None or self._skips_nonfinite() or self.error_if_nonfinite
+        return (self.max_grad_norm is not None or self._skips_nonfinite() or self.error_if_nonfinite
+                or self.clip is not None or self.skip is not None)
 
     def _skips_nonfinite(self):
         """Whether this cycle skips on a non-finite norm: as configured, and always under AMP."""
@@ -327,6 +342,7 @@ class FusedAccumOptimizer(Optimizer):
         self._micro_step = 0
         self._amp_cycle = False
         self._cycle_state = {}
+        self._loss_sum, self._loss_count = None, 0
 
     def _finish_cycle(self, micro_batches=None):
         """The cycle's end: norm, skip decision, update of A = the sums / micro_batches (K, or fewer
@@ -341,17 +357,21 @@ class FusedAccumOptimizer(Optimizer):
             total = self.last_grad_norm = self._norms.total(
                 self.skipped_steps.device, self.skipped_steps, self.norm_type, scale,
                 self._skips_nonfinite() or self.error_if_nonfinite, every)
+            verdict = cycle_verdict.decide(total, self.max_grad_norm, self.clip, self.skip,
+                                           cycle_verdict.cycle_loss(self._loss_sum, self._loss_count),
+                                           self._skips_nonfinite(), self.skipped_steps)
         else:  # plain accumulation + SGD: no norm pass; the update reads a constant 0 norm
             self.last_grad_norm = None
             device = self._layout.primary_device
             if device not in self._unused_norm:
                 self._unused_norm[device] = torch.zeros((), dtype=torch.float64, device=device)
             total = self._unused_norm[device]
+            verdict = cycle_verdict.CycleVerdict(total, None, False, torch.zeros((), dtype=torch.bool, device=device))
+        self.last_step_skipped = verdict.skipped
         if self.error_if_nonfinite and not bool(torch.isfinite(total)):  # documented host sync
             self._end_cycle()
             raise RuntimeError(f"{self._name}: the total gradient norm of this cycle is {total.item()}; the "
                                f"update was skipped (error_if_nonfinite=True)")
-        norm_on = {total.device: total}
         for bi, bucket in enumerate(self._layout.buckets):
             for slots, params, sums in self._store.update_calls(bi):
                 group = self.param_groups[bucket.group_index]
@@ -359,16 +379,16 @@ class FusedAccumOptimizer(Optimizer):
                 if isinstance(lr, torch.Tensor) and lr.device != bucket.device:
                     # A CPU lr is read on the host (no device sync); a lr on another GPU is copied over.
                     lr = lr.item() if lr.device.type == "cpu" else lr.to(bucket.device)
-                if bucket.device not in norm_on:
-                    norm_on[bucket.device] = total.to(bucket.device)
-                self._update_bucket(bi, slots, params, sums, group, lr, norm_on[bucket.device], scale)
+                self._update_bucket(bi, slots, params, sums, group, lr, verdict, scale)
             self._layout.write_back(bi)
         self._end_cycle()
         self._skip_watch.after_cycle(self, self._name)
         for hook in list(self._update_post_hooks.values()):
             hook(self)
 
-    def _update_bucket(self, bi, slots, params, accs, group, lr, total_norm, grad_scale):
+    def _update_bucket(self, bi, slots, params, accs, group, lr, verdict, grad_scale):
+        """One fused update call of the rule; verdict (cycle_verdict.CycleVerdict) gives the norm on
+        the bucket's device, max_norm and skip_nonfinite."""
         raise NotImplementedError
 
     def _gather_cycle_state(self, buckets):
@@ -423,11 +443,28 @@ class FusedAccumOptimizer(Optimizer):
         is_open = self._store.restore({slot_of[i]: saved for i, saved in extra.get("accumulators", {}).items()},
                                       micro_step, resumes_at_last, None if scale is None else scale.to(primary).clone())
         self._micro_step = micro_step if is_open else 0
+        loss_sum = extra.get("loss_sum")
+        self._loss_sum = None if loss_sum is None or not is_open else loss_sum.to(primary).clone()
+        self._loss_count = extra.get("loss_count", 0) if is_open else 0
         skipped, last = extra.get("skipped_steps"), extra.get("last_grad_norm")
         if skipped is not None:  # copies, never views of the caller's dict: the counter is updated in place
             self._skipped_steps = skipped.to(device=primary, dtype=torch.int64).reshape(()).clone()
         if "last_grad_norm" in extra:
             self.last_grad_norm = None if last is None else last.to(primary).clone()
+
+    def _policy_states(self):
+        """The cycle policies' state tensors (copies) by role, as checkpoints keep them."""
+        return {role: {key: value.clone() for key, value in policy.state.items()}
+                for role, policy in (("clip", self.clip), ("skip", self.skip)) if policy is not None}
+
+    def _load_policy_states(self, states):
+        """Policy states saved by _policy_states (checked by state_io before anything changed)."""
+        for role, policy in (("clip", self.clip), ("skip", self.skip)):
+            if policy is not None:
+                if role in states:
+                    policy.load_state(states[role], self._layout.primary_device)
+                else:
+                    policy.state = {}  # a checkpoint without it: the policy starts afresh
 
     def state_dict(self):
         """The torch optimizer's format plus a 'gradfuse' entry with the running sums and the

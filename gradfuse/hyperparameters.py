@@ -7,7 +7,7 @@ import torch
 
 # Hyperparameters that apply to the whole optimizer (the global norm spans every group).
 OPTIMIZER_WIDE = ("accumulation_steps", "max_grad_norm", "norm_type", "skip_nonfinite", "error_if_nonfinite",
-                  "accum_dtype", "process_group", "accumulate_in_backward", "flat_buffers")
+                  "accum_dtype", "process_group", "accumulate_in_backward", "flat_buffers", "clip", "skip")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -125,6 +125,36 @@ def check_accum_dtype(value):
     if value is not None and value not in SUPPORTED_DTYPES:
         raise ValueError(f"accum_dtype must be None or one of {SUPPORTED_DTYPES}, got {value}")
     return value
+
+
+def check_policies(clip, skip, max_grad_norm):
+    """The cycle policies, each the optimizer's own copy (its state is the optimizer's)."""
+    import copy
+
+    from .clip_policy import ClipPolicy
+    from .spike_skip import SpikeSkip
+
+    if clip is not None and not isinstance(clip, ClipPolicy):
+        raise TypeError(f"clip must be None or a clip policy such as gradfuse.ZClip(...), got {type(clip).__name__}")
+    if clip is not None and max_grad_norm is not None:
+        raise ValueError("clip= and max_grad_norm= exclude each other: max_grad_norm= is the fixed threshold; "
+                         "cap an adaptive one with its own max_grad_norm (gradfuse.ZClip(max_grad_norm=...))")
+    if skip is not None and not isinstance(skip, SpikeSkip):
+        raise TypeError(f"skip must be None or gradfuse.SpikeSkip(...), got {type(skip).__name__}")
+    return copy.deepcopy(clip), copy.deepcopy(skip)
+
+
+def check_loss(loss, name):
+    """step(loss=...): a real number or a 1-element real tensor (kept on its device)."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1 or loss.is_complex() or not (loss.is_floating_point() or loss.dtype != torch.bool):
+            raise ValueError(f"{name}.step(loss=...): loss must be a 1-element real tensor, got {loss.dtype} of "
+                             f"shape {tuple(loss.shape)}")
+        return loss.detach().reshape(())
+    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+        raise TypeError(f"{name}.step(loss=...): loss must be a number or a 1-element tensor, got "
+                        f"{type(loss).__name__}")
+    return torch.tensor(float(loss), dtype=torch.float64)
 
 
 def check_process_group(group):

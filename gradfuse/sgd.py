@@ -31,13 +31,14 @@ class FusedAccumSGD(FusedAccumOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, accumulation_steps=1, max_grad_norm=None, norm_type=2.0, skip_nonfinite=True,
                  error_if_nonfinite=False, accum_dtype=None, process_group=None, accumulate_in_backward=False,
-                 flat_buffers=False):
+                 flat_buffers=False, clip=None, skip=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
                          norm_type=norm_type, skip_nonfinite=skip_nonfinite, error_if_nonfinite=error_if_nonfinite,
                          accum_dtype=accum_dtype, process_group=process_group,
-                         accumulate_in_backward=accumulate_in_backward, flat_buffers=flat_buffers)
+                         accumulate_in_backward=accumulate_in_backward, flat_buffers=flat_buffers, clip=clip,
+                         skip=skip)
 
     def _check_group(self, group, check_tensor_lr=True):
         hp.check_sgd_group(group, check_tensor_lr)
@@ -54,11 +55,11 @@ class FusedAccumSGD(FusedAccumOptimizer):
         return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "momentum_initialized": torch.zeros((), dtype=torch.bool, device=p.device)}
 
-    def _update_bucket(self, bi, slots, params, accs, group, lr, total_norm, grad_scale):
+    def _update_bucket(self, bi, slots, params, accs, group, lr, verdict, grad_scale):
         buffers, flags = self._slot_tensors(bi, slots, self._SLOT_KEYS) if group["momentum"] != 0 else ([], [])
-        direct_ops.clipped_sgd_step_(params, accs, buffers, flags, total_norm, lr, group["weight_decay"],
-                                     group["momentum"], group["dampening"], group["nesterov"], group["maximize"],
-                                     grad_scale, self.max_grad_norm, self._skips_nonfinite())
+        direct_ops.clipped_sgd_step_(params, accs, buffers, flags, verdict.norm_on(params[0].device), lr,
+                                     group["weight_decay"], group["momentum"], group["dampening"], group["nesterov"],
+                                     group["maximize"], grad_scale, verdict.max_norm, verdict.skip_nonfinite)
 
     # ------------------------------------------------------------------ checkpoint hooks
     def _pack_param_states(self, states, read_flags):

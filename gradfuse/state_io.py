@@ -26,6 +26,9 @@ def export_state(opt, state_dict):
         "handback_scale": None if opt._store.handback_scale is None else opt._store.handback_scale.clone(),
         "skipped_steps": opt.skipped_steps.clone(),
         "last_grad_norm": None if opt.last_grad_norm is None else opt.last_grad_norm.clone(),
+        "policies": opt._policy_states(),
+        "loss_sum": None if opt._loss_sum is None else opt._loss_sum.clone(),
+        "loss_count": opt._loss_count,
     }
     _spread_cycle(opt, state_dict)
     return state_dict
@@ -186,6 +189,23 @@ def _validate(opt, state_dict):
     scale = extra.get("handback_scale")
     if scale is not None and (not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.is_floating_point()):
         _fail("handback_scale must be None or GradScaler's 1-element floating-point scale")
+    _validate_policies(opt, extra.get("policies") or {})
+
+
+def _validate_policies(opt, saved):
+    """A policy's saved state loads only into an optimizer with the same policy."""
+    if not isinstance(saved, dict):
+        _fail("the saved policy states are not a dict")
+    for role, state in saved.items():
+        policy = getattr(opt, role, None) if role in ("clip", "skip") else None
+        if policy is None:
+            _fail(f"it was saved with a {role}= policy ({role!r} state {sorted(state)}) that this optimizer does "
+                  f"not have; pass the same {role}=... to resume it (or drop state_dict['gradfuse']"
+                  f"['policies'][{role!r}] to start without it)")
+        try:
+            copy.copy(policy).load_state(state, torch.device("cpu"))  # a trial load: the policy itself is untouched
+        except ValueError as error:
+            _fail(str(error))
 
 
 def _like_param(value, param):
@@ -235,3 +255,4 @@ def import_state(opt, state_dict, base_load):
             opt._unpack_loaded_state(p, state, _like_param)
     opt._store.forget_state()
     opt._load_cycle(state_dict.get("gradfuse") or {})
+    opt._load_policy_states((state_dict.get("gradfuse") or {}).get("policies") or {})

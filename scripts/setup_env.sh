@@ -11,7 +11,7 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q torch ninja pybind11 pytest hypothesis numpy matplotlib setuptools wheel lightning==2.6.6 accelerate==1.15.0 transformers==5.23.0
+python -m pip install -q torch ninja pybind11 pytest hypothesis numpy matplotlib setuptools wheel lightning==2.6.6 accelerate==1.15.0 transformers==5.23.0 zclip==1.0.0
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 built=$(ls gradfuse/_C*.so 2>/dev/null | head -n 1 || true)
 # Rebuild only when the extension is missing or a native source / setup.py is newer than it.

@@ -359,3 +359,54 @@ def entry(rank, ranks, store, scenario, args, backend="gloo"):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def policies_match_single_process(rank, ranks, wrapper):
+    """clip=ZClip and skip=SpikeSkip(loss=...) under DDP or FSDP2: every rank reaches the
+    single-process decisions (the norm is global, the loss averaged over ranks) and parameters."""
+    from gradfuse import SpikeSkip, ZClip
+
+    k, cycles = 2, 24
+    gen = torch.Generator().manual_seed(7)
+    rows = ROWS_PER_RANK * ranks
+    batches = []
+    for t in range(cycles * k):
+        x = torch.randn(rows, 5, generator=gen, dtype=torch.float64)
+        y = torch.randn(rows, 3, generator=gen, dtype=torch.float64) * (40.0 if t % 13 == 12 else 1.0)
+        batches.append((x.to(DEVICE), y.to(DEVICE)))
+
+    def make_opt(params):
+        return FusedAccumSGD(params, lr=0.1, momentum=0.9, accumulation_steps=k, clip=ZClip(warmup_steps=3),
+                             skip=SpikeSkip(window=6, sigma=2.0))
+
+    def train(model, opt, rows_of):
+        decisions = []
+        for batch in batches:
+            x, y = rows_of(batch)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step(loss=loss)
+            opt.zero_grad()
+            if opt.micro_step == 0:
+                decisions.append(opt.last_step_skipped.clone())
+        return torch.stack(decisions)
+
+    single = make_model()
+    single_opt = make_opt(single.parameters())
+    expected_decisions = train(single, single_opt, lambda batch: batch)
+    model = make_model()
+    if wrapper == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model, mesh=init_device_mesh(DEVICE.type, (ranks,)))
+    opt = make_opt(model.parameters())
+    decisions = train(model, opt, lambda batch: rank_rows(batch, rank, ranks))
+    if not torch.equal(decisions, expected_decisions) or not bool(expected_decisions.any()):
+        raise AssertionError(f"{wrapper}: skip decisions {decisions.tolist()} != single-process "
+                             f"{expected_decisions.tolist()} (which must skip some cycle)")
+    check_same_on_every_rank([decisions.to(torch.uint8), opt.skipped_steps], f"{wrapper} decisions")
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+    check_close(params, [p.detach() for p in single.parameters()], f"{wrapper} with ZClip + SpikeSkip")

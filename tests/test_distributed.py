@@ -62,6 +62,11 @@ def test_ddp_flat_buffers_refuse_gradient_as_bucket_view():
     spawn(2, "ddp_flat_bucket_view_refused")
 
 
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_cycle_policies_decide_alike_on_every_rank(wrapper):
+    spawn(2, "policies_match_single_process", wrapper)
+
+
 def test_complex_and_gappy_params_refused_under_torch_distributed():
     spawn(2, "strided_param_refused_under_ddp")
 
