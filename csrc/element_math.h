@@ -53,22 +53,65 @@ C10_HOST_DEVICE inline double square_root(double x) {
 #endif
 }
 
-// torch.optim.SGD's update for one element (V is a scalar or an at::vec::Vectorized).
+// a * b + c rounded once, for a scalar or an at::vec::Vectorized<float|double>: a true fused
+// multiply-add in every build (the -ffp-contract=off / -fmad=false builds never fuse implicitly,
+// so every fused operation is spelled here and every build gives the same bits).
+template <typename V>
+C10_HOST_DEVICE inline V fused_multiply_add(const V& a, const V& b, const V& c) {
+  if constexpr (std::is_arithmetic_v<V>) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (std::is_same_v<V, float>) {
+      return fmaf(a, b, c);
+    } else {
+      return fma(a, b, c);
+    }
+#else
+    return std::fma(a, b, c);  // one vfmadd in the AVX2/AVX-512 builds, libm's exact fma otherwise
+#endif
+  } else {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#if !defined(__FMA__)
+#error "the AVX2/AVX-512 kernel builds need FMA instructions (-mfma)"
+#endif
+    // ATen's Vectorized<float|double> specializations: _mm256/_mm512_fmadd_ps/pd (found by
+    // argument-dependent lookup, so this header needs no ATen vector include).
+    return fmadd(a, b, c);
+#else
+    // ATen's generic fmadd is a * b + c with two roundings: fuse lane by lane instead (a libm call
+    // on a CPU without FMA hardware: slow, but this build only runs on such CPUs or when forced).
+    using T = typename V::value_type;
+    T x[V::size()], y[V::size()], z[V::size()];
+    a.store(x);
+    b.store(y);
+    c.store(z);
+    for (int i = 0; i < V::size(); ++i) {
+      x[i] = std::fma(x[i], y[i], z[i]);
+    }
+    return V::loadu(x);
+#endif
+  }
+}
+
+// torch.optim.SGD's update for one element (V is a scalar or an at::vec::Vectorized), rounded as
+// torch's CPU single-tensor SGD rounds it: every `x.add(y, alpha=a)` there is one fused
+// multiply-add fma(y, a, x) (ATen's vectorized add), every mul one rounding.
 template <typename V, typename T>
 C10_HOST_DEVICE inline void sgd_update(
     V& param, V& momentum_buffer, V grad, const SgdScalars<T>& s, bool buffer_initialized) {
-  V d = grad * V(s.grad_mult);
+  V d = grad * V(s.grad_mult);  // exact for grad_mult = +-1 (torch: grad, or -grad when maximizing)
   if (s.weight_decay != T(0)) {
-    d = d + V(s.weight_decay) * param;
+    d = fused_multiply_add(param, V(s.weight_decay), d);  // d.add(param, alpha=weight_decay)
   }
   if (s.use_momentum) {
-    // torch.optim.SGD: the first update stores d itself, later ones blend with dampening.
+    // torch.optim.SGD: the first update stores d itself, later ones blend with dampening:
+    // buf.mul_(momentum).add_(d, alpha=1 - dampening).
     momentum_buffer = buffer_initialized
-        ? V(s.momentum) * momentum_buffer + V(s.dampening_complement) * d
+        ? fused_multiply_add(d, V(s.dampening_complement), momentum_buffer * V(s.momentum))
         : d;
-    d = s.nesterov ? d + V(s.momentum) * momentum_buffer : momentum_buffer;
+    // d.add(buf, alpha=momentum) (nesterov), else buf.
+    d = s.nesterov ? fused_multiply_add(momentum_buffer, V(s.momentum), d) : momentum_buffer;
   }
-  param = param - V(s.lr) * d;
+  param = fused_multiply_add(d, V(-s.lr), param);  // param.add_(d, alpha=-lr)
 }
 
 // Per-pass scalars of the AdamW update, in the math type. Those of the whole call (clip, 1/K,

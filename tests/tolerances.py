@@ -29,8 +29,9 @@ ONCE = {
     # The rule. Floor: float32's own rounding of the O(1) operands, seen when the result cancels.
     torch.float16: Tolerance(1, 4 * F32_EPS),
     torch.bfloat16: Tolerance(1, 4 * F32_EPS),
-    # float32/float64 round after every operation of the update (grad * mult, + wd * p, momentum
-    # blend, p - lr * d: up to 7 roundings) and of acc + scale * grad (2), not once.
+    # float32/float64 round after every operation of the update (grad * mult, the fused
+    # multiply-adds + wd * p, momentum blend after momentum * buf, nesterov, p - lr * d: up to 6
+    # roundings) and of acc + scale * grad (2), not once.
     torch.float32: Tolerance(4, 8 * F32_EPS),
     torch.float64: Tolerance(4, 8 * F64_EPS),
 }
