@@ -91,53 +91,58 @@ Backend backend_of(const std::vector<at::Tensor>& list, const at::Tensor& fallba
 #endif
 
 bool accumulate(const py::handle& accs_list, const py::handle& grads_list, double scale, bool first,
-                const py::handle& norm_state_object, double norm_type, const py::handle& amp_scale_object) {
+                const py::handle& norm_state_object, double norm_type, const py::handle& amp_scale_object,
+                const py::handle& tensor_norms_object) {
   const BorrowedTensors borrowed_accs(accs_list, "accs");
   const BorrowedTensors borrowed_grads(grads_list, "grads");
   const std::vector<at::Tensor>& accs = borrowed_accs.tensors();
   const std::vector<at::Tensor>& grads = borrowed_grads.tensors();
   const std::optional<at::Tensor> norm_state = unpack_optional(norm_state_object, "norm_state");
   const std::optional<at::Tensor> amp_scale = unpack_optional(amp_scale_object, "amp_scale");
+  const std::optional<at::Tensor> tensor_norms = unpack_optional(tensor_norms_object, "tensor_norms");
   if (accs.empty() && !norm_state.has_value()) {
     return true;  // nothing to add and no norm to feed: the op does nothing either
   }
   const Backend backend = backend_of(accs, accs.empty() ? *norm_state : accs[0]);
-  if (backend == Backend::kOther || any_needs_python_dispatch({&accs, &grads}, {&norm_state, &amp_scale})) {
+  if (backend == Backend::kOther ||
+      any_needs_python_dispatch({&accs, &grads}, {&norm_state, &amp_scale, &tensor_norms})) {
     return false;
   }
   const py::gil_scoped_release no_gil;
   RECORD_FUNCTION("gradfuse::accumulate_", std::vector<c10::IValue>());
   if (backend == Backend::kCuda) {
 #ifdef GRADFUSE_WITH_CUDA
-    cuda::accumulate_(accs, grads, scale, first, norm_state, norm_type, amp_scale);
+    cuda::accumulate_(accs, grads, scale, first, norm_state, norm_type, amp_scale, tensor_norms);
 #else
     fail_without_cuda("gradfuse::accumulate_");
 #endif
   } else {
-    cpu::accumulate_(accs, grads, scale, first, norm_state, norm_type, amp_scale);
+    cpu::accumulate_(accs, grads, scale, first, norm_state, norm_type, amp_scale, tensor_norms);
   }
   return true;
 }
 
-bool accumulate_norm(const py::handle& norm_state_object, const py::handle& tensors_list, double norm_type) {
+bool accumulate_norm(const py::handle& norm_state_object, const py::handle& tensors_list, double norm_type,
+                     const py::handle& tensor_norms_object) {
   TORCH_CHECK_TYPE(THPVariable_Check(norm_state_object.ptr()), "norm_state must be a tensor");
   const std::optional<at::Tensor> norm_state = THPVariable_Unpack(norm_state_object.ptr());
   const BorrowedTensors borrowed_tensors(tensors_list, "tensors");
   const std::vector<at::Tensor>& tensors = borrowed_tensors.tensors();
+  const std::optional<at::Tensor> tensor_norms = unpack_optional(tensor_norms_object, "tensor_norms");
   const Backend backend = backend_of({}, *norm_state);
-  if (backend == Backend::kOther || any_needs_python_dispatch({&tensors}, {&norm_state})) {
+  if (backend == Backend::kOther || any_needs_python_dispatch({&tensors}, {&norm_state, &tensor_norms})) {
     return false;
   }
   const py::gil_scoped_release no_gil;
   RECORD_FUNCTION("gradfuse::accumulate_norm_", std::vector<c10::IValue>());
   if (backend == Backend::kCuda) {
 #ifdef GRADFUSE_WITH_CUDA
-    cuda::accumulate_norm_(*norm_state, tensors, norm_type);
+    cuda::accumulate_norm_(*norm_state, tensors, norm_type, tensor_norms);
 #else
     fail_without_cuda("gradfuse::accumulate_norm_");
 #endif
   } else {
-    cpu::accumulate_norm_(*norm_state, tensors, norm_type);
+    cpu::accumulate_norm_(*norm_state, tensors, norm_type, tensor_norms);
   }
   return true;
 }
@@ -231,9 +236,9 @@ void bind_direct_calls(py::module& m) {
                                                 "csrc/direct_calls.cpp); each returns False, having done "
                                                 "nothing, when a tensor needs Python dispatch");
   direct.def("accumulate_", &accumulate, py::arg("accs"), py::arg("grads"), py::arg("scale"), py::arg("first"),
-             py::arg("norm_state"), py::arg("norm_type"), py::arg("amp_scale"));
+             py::arg("norm_state"), py::arg("norm_type"), py::arg("amp_scale"), py::arg("tensor_norms") = py::none());
   direct.def("accumulate_norm_", &accumulate_norm, py::arg("norm_state"), py::arg("tensors"),
-             py::arg("norm_type"));
+             py::arg("norm_type"), py::arg("tensor_norms") = py::none());
   direct.def("clipped_sgd_step_", &clipped_sgd_step, py::arg("params"), py::arg("grads"),
              py::arg("momentum_buffers"), py::arg("momentum_initialized"), py::arg("total_norm"),
              py::arg("lr_tensor"), py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"),

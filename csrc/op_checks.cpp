@@ -55,6 +55,20 @@ at::Device call_device(at::TensorList list, const at::Tensor& fallback) {
   return list.empty() ? fallback.device() : list[0].device();
 }
 
+void check_tensor_norms(const char* op, const std::optional<at::Tensor>& tensor_norms, bool with_norm,
+                        size_t num_tensors, const at::Device& device) {
+  if (!tensor_norms.has_value()) {
+    return;
+  }
+  const at::Tensor& t = *tensor_norms;
+  TORCH_CHECK_VALUE(with_norm, op, ": tensor_norms needs norm_state (per-tensor norms come from the norm pass)");
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kDouble && t.dim() == 1 && t.is_contiguous() &&
+                        t.numel() == static_cast<int64_t>(num_tensors),
+                    op, ": tensor_norms must be a contiguous float64 vector of ", num_tensors, " entries");
+  TORCH_CHECK_VALUE(t.device() == device, op, ": tensor_norms is on ", t.device(), " but the tensors are on ",
+                    device);
+}
+
 void check_accumulate_inputs(at::TensorList accs, at::TensorList grads, const std::optional<at::Tensor>& norm_state,
                              double norm_type, const std::optional<at::Tensor>& amp_scale, const at::Device& device) {
   check_norm_type(kAccumulateOp, norm_type);

@@ -10,6 +10,10 @@ namespace gradfuse {
 // The device an op call runs on: the first tensor's, or `fallback`'s when the lists are empty.
 at::Device call_device(at::TensorList list, const at::Tensor& fallback);
 
+// tensor_norms (per-tensor norm partials): float64, one per tensor, on device, only with a norm.
+void check_tensor_norms(const char* op, const std::optional<at::Tensor>& tensor_norms, bool with_norm,
+                        size_t num_tensors, const at::Device& device);
+
 void check_accumulate_inputs(at::TensorList accs, at::TensorList grads, const std::optional<at::Tensor>& norm_state,
                              double norm_type, const std::optional<at::Tensor>& amp_scale, const at::Device& device);
 void check_norm_inputs(const at::Tensor& norm_state, at::TensorList tensors, double norm_type,

@@ -16,14 +16,15 @@ at::Tensor global_norm(at::TensorList tensors, double norm_type) {
                                       "call it with at least one tensor");
   static auto accumulate_norm = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("gradfuse::accumulate_norm_", "")
-                                    .typed<void(const at::Tensor&, at::TensorList, double)>();
+                                    .typed<void(const at::Tensor&, at::TensorList, double,
+                                                const std::optional<at::Tensor>&)>();
   static auto finalize_norm = c10::Dispatcher::singleton()
                                   .findSchemaOrThrow("gradfuse::finalize_norm_", "")
                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, double, bool)>();
   const auto options = tensors[0].options();
   at::Tensor state = at::zeros({kNormStateSize}, options.dtype(at::kDouble));
   at::Tensor unused_counter = at::zeros({}, options.dtype(at::kLong));
-  accumulate_norm.call(state, tensors, norm_type);
+  accumulate_norm.call(state, tensors, norm_type, std::nullopt);
   return finalize_norm.call(state, unused_counter, norm_type, 1.0, false);
 }
 
@@ -34,10 +35,14 @@ TORCH_LIBRARY(gradfuse, m) {
   // accs[i] = (first ? 0 : accs[i]) + scale * grads[i]; with norm_state, also adds the
   // norm_type norm partial of the new accs and a non-finite flag into norm_state. amp_scale
   // (torch.amp.GradScaler's scale, 1 element) unscales on the fly: grads * float32(1 / amp_scale).
+  // tensor_norms (float64, one per tensor; needs norm_state): each new acc's own partial is added
+  // into its entry, from the same pass.
   m.def("accumulate_(Tensor(a!)[] accs, Tensor[] grads, float scale, bool first, Tensor(b!)? norm_state, "
-        "float norm_type, Tensor? amp_scale=None) -> ()");
-  // Adds the norm_type norm partial of tensors (and a non-finite flag) into norm_state.
-  m.def("accumulate_norm_(Tensor(a!) norm_state, Tensor[] tensors, float norm_type) -> ()");
+        "float norm_type, Tensor? amp_scale=None, Tensor(c!)? tensor_norms=None) -> ()");
+  // Adds the norm_type norm partial of tensors (and a non-finite flag) into norm_state, and
+  // each tensor's own partial into tensor_norms when given.
+  m.def("accumulate_norm_(Tensor(a!) norm_state, Tensor[] tensors, float norm_type, "
+        "Tensor(b!)? tensor_norms=None) -> ()");
   // Total norm (0-dim float64) = root(norm_state) * scale; resets norm_state for the next
   // cycle and, when count_nonfinite, adds 1 to skipped_steps for a non-finite norm.
   m.def("finalize_norm_(Tensor(a!) norm_state, Tensor(b!) skipped_steps, float norm_type, float scale, "

@@ -12,8 +12,9 @@ constexpr int64_t kNormStateSize = 2;
 namespace cpu {
 void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool first,
                  const std::optional<at::Tensor>& norm_state, double norm_type,
-                 const std::optional<at::Tensor>& amp_scale);
-void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, double norm_type);
+                 const std::optional<at::Tensor>& amp_scale, const std::optional<at::Tensor>& tensor_norms);
+void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, double norm_type,
+                      const std::optional<at::Tensor>& tensor_norms);
 at::Tensor finalize_norm_(const at::Tensor& norm_state, const at::Tensor& skipped_steps,
                           double norm_type, double scale, bool count_nonfinite);
 void clipped_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -32,8 +33,9 @@ void clipped_adamw_step_(at::TensorList params, at::TensorList grads, at::Tensor
 namespace cuda {
 void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool first,
                  const std::optional<at::Tensor>& norm_state, double norm_type,
-                 const std::optional<at::Tensor>& amp_scale);
-void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, double norm_type);
+                 const std::optional<at::Tensor>& amp_scale, const std::optional<at::Tensor>& tensor_norms);
+void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, double norm_type,
+                      const std::optional<at::Tensor>& tensor_norms);
 at::Tensor finalize_norm_(const at::Tensor& norm_state, const at::Tensor& skipped_steps,
                           double norm_type, double scale, bool count_nonfinite);
 void clipped_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,

@@ -136,6 +136,8 @@ class AdoptingStore(SumStore):
         for bi, b in enumerate(self.layout.buckets):
             s, e = b.start, b.stop
             norm_state = norms.partial(b.device, b.domain) if with_norm else None
+            slots = norms.slots(b.device, b.domain) if with_norm else None
+            per_slot = None if slots is None else slots[s:e]  # per-parameter partials, from the same pass
             present = codes[s:e]
             scale = None
             if amp_scale is not None:  # scaled gradients must pass through a kernel: no adoption
@@ -147,20 +149,20 @@ class AdoptingStore(SumStore):
             adopts = scale is None and (b.adopts or gathered.boundary)
             if self.live[bi] == e - s and present == NONE * (e - s):  # complete (handed back) or absent
                 if norm_state is not None:
-                    direct_ops.accumulate_norm_(norm_state, sums[s:e], norm_type)
+                    direct_ops.accumulate_norm_(norm_state, sums[s:e], norm_type, per_slot)
             elif adopts and self.live[bi] == 0 and present == ADOPT * (e - s):
                 sums[s:e] = grads[s:e]
                 if keep_versions:
                     self.versions[s:e] = [g._version for g in grads[s:e]]
                 self.live[bi] = e - s
                 if norm_state is not None:
-                    direct_ops.accumulate_norm_(norm_state, grads[s:e], norm_type)
+                    direct_ops.accumulate_norm_(norm_state, grads[s:e], norm_type, per_slot)
             elif self.live[bi] == e - s and NONE not in present:
-                direct_ops.accumulate_(sums[s:e], grads[s:e], 1.0, False, norm_state, norm_type, scale)
+                direct_ops.accumulate_(sums[s:e], grads[s:e], 1.0, False, norm_state, norm_type, scale, per_slot)
             else:
-                self._add_mixed(bi, grads, codes, norm_state, norm_type, scale, adopts)
+                self._add_mixed(bi, grads, codes, norm_state, norm_type, scale, adopts, slots)
 
-    def _add_mixed(self, bi, grads, codes, norm_state, norm_type, amp_scale, adopts):
+    def _add_mixed(self, bi, grads, codes, norm_state, norm_type, amp_scale, adopts, slot_partials):
         """The general case of one bucket: some gradients missing, some sums new."""
         b, sums = self.layout.buckets[bi], self.sums
         fresh, adding, norm_only = [], [], defaultdict(list)  # norm_only by dtype: one op call each
@@ -168,24 +170,28 @@ class AdoptingStore(SumStore):
             g, acc = grads[k], sums[k]
             if g is None:
                 if acc is not None:
-                    norm_only[acc.dtype].append(acc)
+                    norm_only[acc.dtype].append(k)
             elif acc is not None:
                 adding.append(k)
             elif adopts and codes[k] == ADOPT[0]:
                 sums[k] = g
                 self.versions[k] = g._version
-                norm_only[g.dtype].append(g)
+                norm_only[g.dtype].append(k)
             else:
                 sums[k] = self._owned_buffer(k, b)
                 fresh.append(k)
             self.live[bi] += acc is None and g is not None
         for first, slots in ((True, fresh), (False, adding)):
             if slots:
+                per_slot = _scattered(slot_partials, slots)
                 direct_ops.accumulate_([sums[k] for k in slots], [grads[k] for k in slots], 1.0, first, norm_state,
-                                       norm_type, amp_scale)
+                                       norm_type, amp_scale, per_slot)
+                _gather_back(slot_partials, slots, per_slot)
         if norm_state is not None:
-            for tensors in norm_only.values():
-                direct_ops.accumulate_norm_(norm_state, tensors, norm_type)
+            for slots in norm_only.values():
+                per_slot = _scattered(slot_partials, slots)
+                direct_ops.accumulate_norm_(norm_state, [sums[k] for k in slots], norm_type, per_slot)
+                _gather_back(slot_partials, slots, per_slot)
 
     def _owned_buffer(self, k, bucket):
         """Slot k's own sum buffer (kept across cycles: first=True overwrites it)."""
@@ -278,3 +284,15 @@ class AdoptingStore(SumStore):
                     self.live[bi] += 1
         self.had_gradient = any(a is not None for a in self.sums)
         return bool(self.layout.sorted)
+
+
+def _scattered(slot_partials, slots):
+    """A fresh per-tensor partials vector for an op call over some slots (None when not tracked)."""
+    return None if slot_partials is None else torch.zeros(len(slots), dtype=torch.float64,
+                                                          device=slot_partials.device)
+
+
+def _gather_back(slot_partials, slots, per_slot):
+    """Writes an op call's per-tensor partials into their slots (each slot gets one call a cycle)."""
+    if per_slot is not None:
+        slot_partials.index_copy_(0, torch.tensor(slots, device=slot_partials.device), per_slot)

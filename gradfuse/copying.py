@@ -2,7 +2,7 @@
 (defaults, state, param_groups) plus the optimizer-wide settings, the mode and the open cycle, from
 which the copy rebuilds every private structure (layout, native inspectors, its mode's store)."""
 SETTINGS = ("accumulation_steps", "max_grad_norm", "norm_type", "skip_nonfinite", "error_if_nonfinite",
-            "accum_dtype", "process_group")
+            "accum_dtype", "process_group", "track_param_norms")
 
 
 def extra_state(opt):

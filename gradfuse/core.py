@@ -52,8 +52,9 @@ class FusedAccumOptimizer(Optimizer):
 
     def __init__(self, params, defaults, *, accumulation_steps=1, max_grad_norm=None, norm_type=2.0,
                  skip_nonfinite=True, error_if_nonfinite=False, accum_dtype=None, process_group=None,
-                 accumulate_in_backward=False, flat_buffers=False, clip=None, skip=None):
+                 accumulate_in_backward=False, flat_buffers=False, clip=None, skip=None, track_param_norms=False):
         self._init_private()
+        self.track_param_norms = hp.check_flag("track_param_norms", track_param_norms)
         self.accumulation_steps = hp.check_accumulation_steps(accumulation_steps)
         self.max_grad_norm = hp.check_max_grad_norm(max_grad_norm)
         self.clip, self.skip = hp.check_policies(clip, skip, max_grad_norm)
@@ -90,6 +91,8 @@ class FusedAccumOptimizer(Optimizer):
         self.clip = self.skip = None  # the cycle policies (ZClip, SpikeSkip); max_grad_norm alone when None
         self._loss_sum, self._loss_count = None, 0  # step(loss=...) of the open cycle, for the skip policy
         self.last_step_skipped: Optional[torch.Tensor] = None
+        self.last_param_norms: Optional[torch.Tensor] = None  # track_param_norms=True: per parameter, float64
+        self.track_param_norms = False
         self._micro_step = 0
         self._amp_cycle = False  # a GradScaler step took part in this cycle
         self._unused_norm: Dict[torch.device, torch.Tensor] = {}  # stands in when no norm is needed
@@ -203,6 +206,9 @@ class FusedAccumOptimizer(Optimizer):
             raise ValueError("some parameters appear in more than one parameter group")
         for p in params:
             hp.accumulator_dtype(kernel_views.kernel_dtype(p.dtype), self.accum_dtype)
+            if self.track_param_norms and local_tensor(p).device.type != "cpu":
+                raise ValueError(f"{self._name}: track_param_norms=True is computed by the CPU kernels only so far; "
+                                 f"a parameter is on {local_tensor(p).device}")
         if self._store is not None:
             self._store.check_new_params(params)
         _check_no_shared_memory(others + params, self._name)
@@ -225,6 +231,7 @@ class FusedAccumOptimizer(Optimizer):
         """The layout of param_groups as they are now, and the store moved onto it."""
         self._layout = build_layout(self.param_groups, self.process_group, self.accum_dtype, self._name)
         self._norms.use_domains(self._layout.domains)
+        self._norms.track_slots(len(self._layout.sorted) if self.track_param_norms else None)
         self._state_reader.forget()
         if self._store is None:
             self._store = stores.make("default", self._name, self._layout, self.accum_dtype)
@@ -257,6 +264,21 @@ class FusedAccumOptimizer(Optimizer):
         self._store.add(gathered, self._needs_norm(), self._norms, self.norm_type, None)  # the norm so far
         self._finish_cycle(micro_batches=self._micro_step)
         return True
+
+    def param_norms(self, model=None) -> Dict[str, float]:
+        """{name: pre-clip norm of the parameter's last cycle gradient} from last_param_norms, for a
+        logger (one host copy). Names: param_names of named parameter groups, else the model's
+        named_parameters(), else 'param_groups[g][i]'."""
+        if self.last_param_norms is None:
+            raise RuntimeError(f"{self._name}: no per-parameter norms yet; construct with track_param_norms=True "
+                               f"and complete a cycle")
+        by_id = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
+        names = []
+        for g, group in enumerate(self.param_groups):
+            given = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                names.append(given[i] if given else by_id.get(id(p), f"param_groups[{g}][{i}]"))
+        return dict(zip(names, self.last_param_norms.tolist()))
 
     def register_update_post_hook(self, hook: Callable) -> RemovableHandle:
         """hook(optimizer) after each completed cycle's update (once per update, where
@@ -331,7 +353,7 @@ class FusedAccumOptimizer(Optimizer):
     def _needs_norm(self):
         """The norm pass runs only when something uses it: clipping, skipping or raising."""
         return (self.max_grad_norm is not None or self._skips_nonfinite() or self.error_if_nonfinite
-                or self.clip is not None or self.skip is not None)
+                or self.clip is not None or self.skip is not None or self.track_param_norms)
 
     def _skips_nonfinite(self):
         """Whether this cycle skips on a non-finite norm: as configured, and always under AMP."""
@@ -357,6 +379,9 @@ class FusedAccumOptimizer(Optimizer):
             total = self.last_grad_norm = self._norms.total(
                 self.skipped_steps.device, self.skipped_steps, self.norm_type, scale,
                 self._skips_nonfinite() or self.error_if_nonfinite, every)
+            if self.track_param_norms:
+                self.last_param_norms = self._norms.slot_norms(
+                    self.skipped_steps.device, self.norm_type, scale, self._layout.slot_of_param, every)
             verdict = cycle_verdict.decide(total, self.max_grad_norm, self.clip, self.skip,
                                            cycle_verdict.cycle_loss(self._loss_sum, self._loss_count),
                                            self._skips_nonfinite(), self.skipped_steps)

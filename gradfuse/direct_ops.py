@@ -14,15 +14,15 @@ def _eager():
                 or torch._C._len_torch_dispatch_stack() > 0)
 
 
-def accumulate_(accs, grads, scale, first, norm_state, norm_type, amp_scale=None):
+def accumulate_(accs, grads, scale, first, norm_state, norm_type, amp_scale=None, tensor_norms=None):
     if not (_eager() and _direct.accumulate_(accs, grads, float(scale), bool(first), norm_state, float(norm_type),
-                                             amp_scale)):
-        ops.accumulate_(accs, grads, scale, first, norm_state, norm_type, amp_scale)
+                                             amp_scale, tensor_norms)):
+        ops.accumulate_(accs, grads, scale, first, norm_state, norm_type, amp_scale, tensor_norms)
 
 
-def accumulate_norm_(norm_state, tensors, norm_type):
-    if not (_eager() and _direct.accumulate_norm_(norm_state, tensors, float(norm_type))):
-        ops.accumulate_norm_(norm_state, tensors, norm_type)
+def accumulate_norm_(norm_state, tensors, norm_type, tensor_norms=None):
+    if not (_eager() and _direct.accumulate_norm_(norm_state, tensors, float(norm_type), tensor_norms)):
+        ops.accumulate_norm_(norm_state, tensors, norm_type, tensor_norms)
 
 
 def clipped_sgd_step_(params, grads, momentum_buffers, momentum_initialized, total_norm, lr, weight_decay, momentum,

@@ -159,7 +159,12 @@ class FlatStore(SumStore):
             return
         if with_norm:
             for bi, b in enumerate(self.layout.buckets):
-                direct_ops.accumulate_norm_(norms.partial(b.device, b.domain), [self.grads[bi]], norm_type)
+                slots = norms.slots(b.device, b.domain)
+                if slots is None:
+                    direct_ops.accumulate_norm_(norms.partial(b.device, b.domain), [self.grads[bi]], norm_type)
+                else:  # per-parameter norms: the bucket's views (its padding is zeros: the same total)
+                    direct_ops.accumulate_norm_(norms.partial(b.device, b.domain), self.grad_views[b.start:b.stop],
+                                                norm_type, slots[b.start:b.stop])
         self.had_gradient = True
         self.dirty = True  # from here on the buffers hold a finished sum until zero_grad()
 

@@ -31,7 +31,7 @@ class Layout:
     """params: the state_dict order; sorted: the slot order (sorted[k] is params[order[k]]);
     inspector: the native reader of the slots' .grad."""
     __slots__ = ("params", "group_of", "order", "sorted", "buckets", "domains", "has_sharded", "inspector",
-                 "group_lists", "views")
+                 "group_lists", "views", "slot_of_param")
 
     def __init__(self, params, group_of, order, buckets, domains, group_lists):
         self.params: List[torch.Tensor] = params
@@ -43,6 +43,7 @@ class Layout:
         self.has_sharded = any(b.sharded for b in buckets)
         self.inspector = GradientInspector(self.sorted)
         self.group_lists = group_lists  # the params lists it was built from: an edit of param_groups shows
+        self.slot_of_param = sorted(range(len(order)), key=lambda k: order[k])  # parameter index -> its slot
         self.views: Dict[int, KernelView] = {k: KernelView(p) for k, p in enumerate(self.sorted) if needs_view(p)}
         for b in buckets:
             b.viewed = any(k in self.views for k in b.slots)

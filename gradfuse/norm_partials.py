@@ -14,11 +14,14 @@ class NormPartials:
     def __init__(self, domain_groups=None):
         self.domain_groups = dict(domain_groups or {"": ()})
         self.states = {}  # (device, domain) -> norm state
+        self.slot_count = None  # track_param_norms: the layout's slot count, else None
+        self.slot_states = {}  # (device, domain) -> float64 per-slot partials (zero outside its slots)
 
     def use_domains(self, domain_groups):
         """A new layout's domains; partials of domains gone are dropped (a flag on "" stays)."""
         self.domain_groups = dict(domain_groups)
         self.states = {key: state for key, state in self.states.items() if key[1] in self.domain_groups}
+        self.slot_states = {}  # a new layout numbers its slots anew
 
     def partial(self, device, domain=""):
         """The running partial of one device and domain (created zeroed)."""
@@ -26,6 +29,35 @@ class NormPartials:
         if state is None:
             state = self.states[(device, domain)] = ops.new_norm_state(device)
         return state
+
+    def track_slots(self, count):
+        """Per-slot partials from now on (count slots), or none (count None)."""
+        self.slot_count, self.slot_states = count, {}
+
+    def slots(self, device, domain=""):
+        """The per-slot partials of one device and domain (created zeroed), or None when not tracked."""
+        if self.slot_count is None:
+            return None
+        vector = self.slot_states.get((device, domain))
+        if vector is None:
+            vector = self.slot_states[(device, domain)] = torch.zeros(self.slot_count, dtype=torch.float64,
+                                                                     device=device)
+        return vector
+
+    def slot_norms(self, primary, norm_type, scale, slot_of_param, every=()):
+        """Per-parameter norms (float64 on primary, state_dict order) of the per-slot partials, reduced
+        over each domain's process groups like total(); the partials are reset."""
+        for device, domain in every:
+            self.slots(device, domain)
+        merged = torch.zeros(self.slot_count, dtype=torch.float64, device=primary)
+        inf_norm = norm_type == float("inf")
+        for key in sorted(self.slot_states, key=lambda key: (str(key[0]), key[1])):  # one order on every rank
+            vector = self.slot_states[key]
+            all_reduce_norm_state_(vector, self.domain_groups[key[1]], norm_type)
+            merged = torch.maximum(merged, vector.to(primary)) if inf_norm else merged + vector.to(primary)
+            vector.zero_()
+        finished = (merged if inf_norm else merged.sqrt()) * scale
+        return finished.index_select(0, torch.tensor(slot_of_param, dtype=torch.int64, device=primary))
 
     def flag(self, device, value):
         """Marks the norm non-finite where value (a 1-element tensor, any device) is non-zero: the

@@ -27,17 +27,20 @@ def merge_norm_state_(state: torch.Tensor, other: torch.Tensor, norm_type: float
 
 def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float = 1.0,
                 first: bool = False, norm_state: Optional[torch.Tensor] = None, norm_type: float = 2.0,
-                amp_scale: Optional[torch.Tensor] = None) -> None:
+                amp_scale: Optional[torch.Tensor] = None, tensor_norms: Optional[torch.Tensor] = None) -> None:
     """accs[i] = (0 if first else accs[i]) + scale * grads[i]; with norm_state, also adds the
     norm partial of the new accs (and a non-finite flag) into it, in the same pass. With
-    amp_scale (GradScaler's float32 scale) the grads are unscaled on the fly, on the device."""
+    amp_scale (GradScaler's float32 scale) the grads are unscaled on the fly, on the device. With
+    tensor_norms (float64, one per tensor; CPU so far) each new acc's own partial is added there."""
     torch.ops.gradfuse.accumulate_(list(accs), list(grads), float(scale), bool(first), norm_state, float(norm_type),
-                                   amp_scale)
+                                   amp_scale, tensor_norms)
 
 
-def accumulate_norm_(norm_state: torch.Tensor, tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> None:
-    """Adds the norm partial of tensors (and a non-finite flag) into norm_state."""
-    torch.ops.gradfuse.accumulate_norm_(norm_state, list(tensors), float(norm_type))
+def accumulate_norm_(norm_state: torch.Tensor, tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
+                     tensor_norms: Optional[torch.Tensor] = None) -> None:
+    """Adds the norm partial of tensors (and a non-finite flag) into norm_state, and each tensor's
+    own partial into tensor_norms when given."""
+    torch.ops.gradfuse.accumulate_norm_(norm_state, list(tensors), float(norm_type), tensor_norms)
 
 
 def finalize_norm_(norm_state: torch.Tensor, skipped_steps: torch.Tensor, norm_type: float = 2.0,
@@ -95,12 +98,13 @@ def step_scalars(lr, max_norm):
 @torch.library.register_fake("gradfuse::accumulate_")
 def _accumulate_fake(accs: List[torch.Tensor], grads: List[torch.Tensor], scale: float, first: bool,
                      norm_state: Optional[torch.Tensor], norm_type: float,
-                     amp_scale: Optional[torch.Tensor] = None) -> None:
+                     amp_scale: Optional[torch.Tensor] = None, tensor_norms: Optional[torch.Tensor] = None) -> None:
     return None
 
 
 @torch.library.register_fake("gradfuse::accumulate_norm_")
-def _accumulate_norm_fake(norm_state: torch.Tensor, tensors: List[torch.Tensor], norm_type: float) -> None:
+def _accumulate_norm_fake(norm_state: torch.Tensor, tensors: List[torch.Tensor], norm_type: float,
+                          tensor_norms: Optional[torch.Tensor] = None) -> None:
     return None
 
 

@@ -39,12 +39,18 @@ def export_state(opt, state_dict):
 # every group. Loading strips them again; the top-level 'gradfuse' entry wins where both exist.
 ACCUMULATOR_KEY, MICRO_STEP_KEY, CYCLE_LENGTH_KEY = "gradfuse_accumulator", "gradfuse_micro_step", \
     "gradfuse_accumulation_steps"
+# The cycle policies' state (always) and the open cycle's loss sum live in the first group too.
+POLICIES_KEY, LOSS_KEY = "gradfuse_policies", "gradfuse_loss"
 
 
 def _spread_cycle(opt, state_dict):
     extra = state_dict["gradfuse"]
+    if extra["policies"] and state_dict["param_groups"]:
+        state_dict["param_groups"][0][POLICIES_KEY] = extra["policies"]
     if extra["micro_step"] == 0:
         return
+    if extra["loss_sum"] is not None:
+        state_dict["param_groups"][0][LOSS_KEY] = {"sum": extra["loss_sum"], "count": extra["loss_count"]}
     for index, acc in extra["accumulators"].items():
         state_dict["state"].setdefault(index, {})[ACCUMULATOR_KEY] = _like_sharding(acc, opt._layout.params[index])
     for group in state_dict["param_groups"]:
@@ -66,6 +72,8 @@ def _gather_cycle(opt, state_dict):
         return state_dict
     groups = [dict(g) if isinstance(g, dict) else g for g in state_dict["param_groups"]]
     positions = {(g.pop(MICRO_STEP_KEY, None), g.pop(CYCLE_LENGTH_KEY, None)) for g in groups if isinstance(g, dict)}
+    first = groups[0] if groups and isinstance(groups[0], dict) else {}
+    policies, loss = first.pop(POLICIES_KEY, None), first.pop(LOSS_KEY, None)
     entries = state_dict.get("state")
     if not isinstance(entries, dict):
         return state_dict
@@ -79,14 +87,23 @@ def _gather_cycle(opt, state_dict):
         state[index] = entry
     result = dict(state_dict, param_groups=groups, state=state)
     positions.discard((None, None))
-    if "gradfuse" not in state_dict and positions:
-        if len(positions) != 1:
+    if "gradfuse" not in state_dict and (positions or policies):
+        if len(positions) > 1:
             _fail(f"the parameter groups disagree on the cycle's position {sorted(positions, key=str)}")
-        micro_step, cycle_length = positions.pop()
+        micro_step, cycle_length = positions.pop() if positions else (0, opt.accumulation_steps)
         result["gradfuse"] = {"format_version": FORMAT_VERSION, "accumulation_steps": cycle_length,
                               "micro_step": micro_step, "accumulators": accumulators,
-                              "skipped_steps": opt.skipped_steps.clone(), "last_grad_norm": opt.last_grad_norm}
+                              "skipped_steps": opt.skipped_steps.clone(), "last_grad_norm": opt.last_grad_norm,
+                              "policies": _local_policies(policies or {}),
+                              "loss_sum": None if loss is None else local_tensor(loss["sum"]),
+                              "loss_count": 0 if loss is None else loss["count"]}
     return result
+
+
+def _local_policies(policies):
+    """Policy states as plain tensors (DCP may hand them back as replicated DTensors)."""
+    return {role: {key: local_tensor(value) for key, value in state.items()} if isinstance(state, dict) else state
+            for role, state in policies.items()}
 
 
 def _is_param_entry(key, value):

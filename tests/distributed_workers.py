@@ -363,7 +363,9 @@ def entry(rank, ranks, store, scenario, args, backend="gloo"):
 
 def policies_match_single_process(rank, ranks, wrapper):
     """clip=ZClip and skip=SpikeSkip(loss=...) under DDP or FSDP2: every rank reaches the
-    single-process decisions (the norm is global, the loss averaged over ranks) and parameters."""
+    single-process decisions (the norm is global, the loss averaged over ranks) and parameters;
+    track_param_norms gives each (sharded) parameter's global norm; a mid-cycle round trip through
+    torch.distributed.checkpoint's get_state_dict / set_state_dict carries the policies' state."""
     from gradfuse import SpikeSkip, ZClip
 
     k, cycles = 2, 24
@@ -377,11 +379,16 @@ def policies_match_single_process(rank, ranks, wrapper):
 
     def make_opt(params):
         return FusedAccumSGD(params, lr=0.1, momentum=0.9, accumulation_steps=k, clip=ZClip(warmup_steps=3),
-                             skip=SpikeSkip(window=6, sigma=2.0))
+                             skip=SpikeSkip(window=6, sigma=2.0), track_param_norms=True)
 
-    def train(model, opt, rows_of):
+    def train(model, opt, rows_of, resume_at=None):
         decisions = []
-        for batch in batches:
+        for t, batch in enumerate(batches):
+            if t == resume_at:  # mid-cycle, through torch.distributed.checkpoint's in-memory state dicts
+                from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+                model_sd, optim_sd = get_state_dict(model, opt)
+                opt = make_opt(model.parameters())
+                set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
             x, y = rows_of(batch)
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
@@ -389,11 +396,11 @@ def policies_match_single_process(rank, ranks, wrapper):
             opt.zero_grad()
             if opt.micro_step == 0:
                 decisions.append(opt.last_step_skipped.clone())
-        return torch.stack(decisions)
+        return torch.stack(decisions), opt
 
     single = make_model()
     single_opt = make_opt(single.parameters())
-    expected_decisions = train(single, single_opt, lambda batch: batch)
+    expected_decisions, single_opt = train(single, single_opt, lambda batch: batch)
     model = make_model()
     if wrapper == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -403,10 +410,11 @@ def policies_match_single_process(rank, ranks, wrapper):
         from torch.distributed.fsdp import fully_shard
         fully_shard(model, mesh=init_device_mesh(DEVICE.type, (ranks,)))
     opt = make_opt(model.parameters())
-    decisions = train(model, opt, lambda batch: rank_rows(batch, rank, ranks))
+    decisions, opt = train(model, opt, lambda batch: rank_rows(batch, rank, ranks), resume_at=len(batches) // 2 + 1)
     if not torch.equal(decisions, expected_decisions) or not bool(expected_decisions.any()):
         raise AssertionError(f"{wrapper}: skip decisions {decisions.tolist()} != single-process "
                              f"{expected_decisions.tolist()} (which must skip some cycle)")
     check_same_on_every_rank([decisions.to(torch.uint8), opt.skipped_steps], f"{wrapper} decisions")
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
     check_close(params, [p.detach() for p in single.parameters()], f"{wrapper} with ZClip + SpikeSkip")
+    check_close([opt.last_param_norms], [single_opt.last_param_norms], f"{wrapper} per-parameter norms", tol=1e-12)

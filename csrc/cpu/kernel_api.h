@@ -21,7 +21,12 @@ struct FlatLayout {
   int64_t num_tensors;
 };
 
-// acc = (first ? 0 : acc) + scale * grad; with_norm also returns the chunk's norm partial.
+// Where a pass that keeps per-tensor norms writes the norm partial of each (chunk, tensor) piece:
+// at segment_norms[tensor + chunk] (unique: chunks cover the tensors in order), or nowhere (null).
+inline int64_t segment_slot(int64_t tensor, int64_t chunk) { return tensor + chunk; }
+
+// acc = (first ? 0 : acc) + scale * grad; with_norm also returns the chunk's norm partial (and,
+// with segment_norms, writes each piece's own partial).
 struct AccumulateArgs {
   FlatLayout layout;
   void* const* accs;
@@ -32,14 +37,17 @@ struct AccumulateArgs {
   bool first;
   bool with_norm;
   bool inf_norm;
+  double* segment_norms;
 };
 
-// The norm partial (sum of squares or max |x|, float64) of the chunk.
+// The norm partial (sum of squares or max |x|, float64) of the chunk (and, with segment_norms,
+// of each piece).
 struct NormArgs {
   FlatLayout layout;
   const void* const* tensors;
   c10::ScalarType type;
   bool inf_norm;
+  double* segment_norms;
 };
 
 // torch.optim.SGD's update; buffers/buffer_initialized are read only when use_momentum.

@@ -129,7 +129,10 @@ void accumulate_typed(at::TensorList accs, at::TensorList grads, double scale, b
 
 void accumulate_(at::TensorList accs, at::TensorList grads, double scale, bool first,
                  const std::optional<at::Tensor>& norm_state, double norm_type,
-                 const std::optional<at::Tensor>& amp_scale) {
+                 const std::optional<at::Tensor>& amp_scale, const std::optional<at::Tensor>& tensor_norms) {
+  // Per-tensor norms are not produced by the CUDA kernels yet: refused before anything changes.
+  TORCH_CHECK_NOT_IMPLEMENTED(!tensor_norms.has_value(), kAccumulateOp,
+                              ": tensor_norms (per-parameter norms) are computed on CPU only so far");
   if (accs.empty() && !norm_state.has_value()) {
     return;
   }

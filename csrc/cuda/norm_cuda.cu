@@ -120,7 +120,10 @@ void merge_partials_into_state(const at::Tensor& partials, const at::Tensor& nor
   });
 }
 
-void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, double norm_type) {
+void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, double norm_type,
+                      const std::optional<at::Tensor>& tensor_norms) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!tensor_norms.has_value(), kNormOp,
+                              ": tensor_norms (per-parameter norms) are computed on CPU only so far");
   const at::Device device = norm_state.device();
   check_cuda_device(kNormOp, "norm_state", device);
   check_norm_inputs(norm_state, tensors, norm_type, device);

@@ -13,8 +13,9 @@ namespace {
 
 // acc = (first ? 0 : acc) + scale * grad over [0, n); the norm is then taken of each
 // just-stored block while it is still in L1 (so it is the norm of exactly what was stored).
-template <typename acc_t, typename grad_t, bool kFirst, bool kWithNorm, typename Norm>
-void accumulate_segment(acc_t* acc, const grad_t* grad, int64_t n, at::opmath_type<acc_t> scale, Norm& norm) {
+template <typename acc_t, typename grad_t, bool kFirst, bool kWithNorm, bool kPerTensor, typename Norm>
+void accumulate_segment(acc_t* acc, const grad_t* grad, int64_t n, at::opmath_type<acc_t> scale, Norm& norm,
+                        Norm& piece_norm) {
   using math_t = at::opmath_type<acc_t>;
   using Vec = at::vec::Vectorized<math_t>;
   const Vec scale_vec(scale);
@@ -31,6 +32,9 @@ void accumulate_segment(acc_t* acc, const grad_t* grad, int64_t n, at::opmath_ty
     }
     if constexpr (kWithNorm) {
       norm.add_block(acc + begin, end - begin);
+      if constexpr (kPerTensor) {
+        piece_norm.add_block(acc + begin, end - begin);  // the same block again, from L1
+      }
     }
   }
 }
@@ -42,13 +46,19 @@ double accumulate_chunk_typed(const AccumulateArgs& args, int64_t chunk) {
   return GRADFUSE_BOOL_SWITCH(args.first, kFirst, [&] {
     return GRADFUSE_BOOL_SWITCH(args.with_norm, kWithNorm, [&] {
       return GRADFUSE_BOOL_SWITCH(args.inf_norm, kInfNorm, [&] {
-        NormAccumulator<acc_t, kInfNorm> norm;
-        for_each_segment(args.layout, chunk, [&](int64_t t, int64_t begin, int64_t end) {
-          accumulate_segment<acc_t, grad_t, kFirst, kWithNorm>(static_cast<acc_t*>(args.accs[t]) + begin,
-                                                               static_cast<const grad_t*>(args.grads[t]) + begin,
-                                                               end - begin, scale, norm);
+        return GRADFUSE_BOOL_SWITCH(kWithNorm && args.segment_norms != nullptr, kPerTensor, [&] {
+          NormAccumulator<acc_t, kInfNorm> norm;
+          for_each_segment(args.layout, chunk, [&](int64_t t, int64_t begin, int64_t end) {
+            NormAccumulator<acc_t, kInfNorm> piece_norm;
+            accumulate_segment<acc_t, grad_t, kFirst, kWithNorm, kPerTensor>(
+                static_cast<acc_t*>(args.accs[t]) + begin, static_cast<const grad_t*>(args.grads[t]) + begin,
+                end - begin, scale, norm, piece_norm);
+            if constexpr (kPerTensor) {
+              args.segment_norms[segment_slot(t, chunk)] = piece_norm.total();
+            }
+          });
+          return kWithNorm ? norm.total() : 0.0;
         });
-        return kWithNorm ? norm.total() : 0.0;
       });
     });
   });

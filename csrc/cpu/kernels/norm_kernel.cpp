@@ -13,7 +13,18 @@ template <typename T, bool kInfNorm>
 double norm_chunk_typed(const NormArgs& args, int64_t chunk) {
   NormAccumulator<T, kInfNorm> norm;
   for_each_segment(args.layout, chunk, [&](int64_t t, int64_t begin, int64_t end) {
-    norm.template add_block</*kStreaming=*/true>(static_cast<const T*>(args.tensors[t]) + begin, end - begin);
+    const T* data = static_cast<const T*>(args.tensors[t]) + begin;
+    if (args.segment_norms == nullptr) {
+      norm.template add_block</*kStreaming=*/true>(data, end - begin);
+      return;
+    }
+    NormAccumulator<T, kInfNorm> piece_norm;  // block by block, so the piece is read once into L1
+    for (int64_t block = 0; block < end - begin; block += kNormBlock) {
+      const int64_t n = end - begin - block < kNormBlock ? end - begin - block : kNormBlock;
+      norm.template add_block</*kStreaming=*/true>(data + block, n);
+      piece_norm.add_block(data + block, n);
+    }
+    args.segment_norms[segment_slot(t, chunk)] = piece_norm.total();
   });
   return norm.total();
 }
