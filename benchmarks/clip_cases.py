@@ -16,6 +16,7 @@ import gradfuse
 from . import workloads
 from .bytes_model import elem
 from .machine import machine_info
+from .stability import mark, row_spread, steadiest
 from .timing import Bench, last_level_cache_bytes, measure, rotation_sets
 
 MAX_NORM = 1.0
@@ -58,19 +59,21 @@ def run_case(workload, dtype, device, quick):
                 timings={"gradfuse": ours.to_dict(), "torch": theirs.to_dict()})
 
 
-def run_clip_cases(device, quick, log=print):
-    """Every clip row (dicts), logging a table line per case as it finishes."""
+def run_clip_cases(device, quick, log=print, remeasure=lambda row: True):
+    """Every clip row (dicts), logging a table line per case as it finishes; a row over the spread
+    bound for which remeasure(row) holds is measured again (benchmarks/stability.py)."""
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
     rows = []
     log(f"{'workload':10} {'dtype':9} {'gradfuse ms':>11} {'torch ms':>9} {'speedup':>8} {'gradfuse GB/s':>13} "
         f"{'torch GB/s':>10} {'IQR % (gf/torch)':>17}")
     for workload in WORKLOADS:
         for dtype in dtypes:
-            row = run_case(workload, dtype, device, quick)
+            row = mark(*steadiest(lambda: run_case(workload, dtype, device, quick), row_spread, remeasure))
             rows.append(row)
             log(f"{row['workload']:10} {row['dtype']:9} {row['gradfuse_ms']:11.3f} {row['torch_ms']:9.3f} "
                 f"{row['speedup']:7.2f}x {row['gradfuse_gbps']:13.1f} {row['torch_gbps']:10.1f} "
-                f"{row['gradfuse_iqr_pct']:8.0f}/{row['torch_iqr_pct']:.0f}")
+                f"{row['gradfuse_iqr_pct']:8.0f}/{row['torch_iqr_pct']:.0f}"
+                f"{' UNSTABLE' if row['steady'] is False else ''}")
             del row["timings"]["gradfuse"]["samples_s"], row["timings"]["torch"]["samples_s"]
     return rows
 

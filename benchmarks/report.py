@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+from . import e2e_report, stability
+
 TARGETS = {
     "cpu": [
         ("boundary (K=1) GPT-2 fp32 vs torch (a)", "speedup", 1.8,
@@ -50,25 +52,55 @@ def _matches(row, sel):
 
 
 def evaluate_targets(result):
+    """One verdict per target of the device: MET / MISS on steady rows, UNSTABLE when only a row over
+    stability.SPREAD_BOUND could decide it, n/a when nothing matched (benchmarks/stability.py)."""
     out = []
     rows = result["rows"]
     rule_rows_ = result.get("clip_rows", []) + result.get("adamw_rows", [])
     for label, metric, threshold, sel in TARGETS[result["machine"]["device"]]:
-        if sel["kind"] in ("clip", "adamw"):  # rows of clip_cases / adamw_cases: flat speedups
-            hits = [r for r in rule_rows_ if all(r.get(k) == v for k, v in sel.items())]
-            value = min((r["speedup"] for r in hits), default=None)
-            out.append({"target": label, "metric": metric, "threshold": threshold, "value": value,
-                        "met": None if value is None else value >= threshold})
-            continue
-        hits = [r for r in rows if _matches(r, sel)]
-        if sel.get("largest") and hits:
-            hits = [max(hits, key=lambda r: r["numel"])]
-        values = [_metric(r, metric) for r in hits]
-        values = [v for v in values if v is not None]
-        value = min(values) if values else None
-        out.append({"target": label, "metric": metric, "threshold": threshold, "value": value,
-                    "met": None if value is None else value >= threshold})
+        hits = target_rows(rows, rule_rows_, sel)
+        entries = [(_metric(r, metric), stability.row_spread(r, metric), _row_name(r)) for r in hits]
+        verdict = stability.judge(entries, threshold)
+        attempts = [len(r["attempt_spreads"]) - 1 for r in hits if "attempt_spreads" in r]
+        out.append({"target": label, "metric": metric, "threshold": threshold, "value": verdict["value"],
+                    "met": {stability.MET: True, stability.MISS: False}.get(verdict["status"]),
+                    "status": verdict["status"], "spread": verdict["spread"], "spread_bound": stability.SPREAD_BOUND,
+                    "spread_unknown": verdict["spread_unknown"], "unstable_rows": verdict["unstable"],
+                    "remeasures": max(attempts) if attempts else None})
     return out
+
+
+def target_rows(rows, rule_rows_, sel):
+    """The rows a target selector picks: run.py rows, or clip_cases / adamw_cases rows."""
+    if sel["kind"] in ("clip", "adamw"):
+        return [r for r in rule_rows_ if all(r.get(k) == v for k, v in sel.items())]
+    hits = [r for r in rows if _matches(r, sel)]
+    if sel.get("largest") and hits:
+        hits = [max(hits, key=lambda r: r["numel"])]
+    return hits
+
+
+def feeds_target(row, device):
+    """Whether some target of the device is judged on this row (those rows are re-measured when shaky)."""
+    for _, _, _, sel in TARGETS[device]:
+        if sel["kind"] in ("clip", "adamw"):
+            if all(row.get(k) == v for k, v in sel.items()):
+                return True
+        elif _matches(row, {k: v for k, v in sel.items() if k != "largest"}):
+            return True
+    return False
+
+
+def targets_of(result):
+    """The run's stored verdicts, or fresh ones for a result file saved before verdicts had a status."""
+    stored = result.get("targets")
+    if stored and all("status" in t for t in stored):
+        return stored
+    return evaluate_targets(result)
+
+
+def _row_name(row):
+    return row.get("label") or " ".join(str(row.get(k)) for k in ("kind", "workload", "dtype", "K") if k in row)
 
 
 def _metric(row, metric):
@@ -104,7 +136,7 @@ def table_rows(result):
             f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
             f"{gf['gbps']:.1f}" if gf and gf["gbps"] is not None else "-",
             f"{gf['pct_ceiling']:.0f}%" if gf and gf["pct_ceiling"] is not None else "-",
-            f"{gf['timing']['iqr_s'] / gf['timing']['median_s'] * 100:.0f}%" if gf else "-",
+            _spread_cell(r),
             f"{res['gradfuse_flat']['timing']['median_s'] * 1e3:.3f} ({r['speedup_flat']:.2f}x)"
             if r.get("speedup_flat") else "-",
         ])
@@ -112,7 +144,24 @@ def table_rows(result):
 
 
 HEADER = ["workload", "case", "K", "dtype", "gradfuse ms", "torch-best ms", "speedup", "gradfuse GB/s",
-          "% ceiling", "IQR/med", "flat_buffers ms (speedup)"]
+          "% ceiling", "IQR/med (gf/flat/torch)", "flat_buffers ms (speedup)"]
+
+
+def _pct(spread):
+    return "?" if spread is None else f"{100 * spread:.0f}%"
+
+
+def _spread_cell(row):
+    """IQR / median of the sides the table shows, flagged when over the bound (the row is not judged)."""
+    spreads = stability.side_spreads(row)
+    sides = stability.metric_sides(row, "headline")
+    cell = "/".join(_pct(spreads.get(side)) for side in sides) or "-"
+    worst = stability.row_spread(row)
+    if worst is None:
+        return cell + " (spread unknown)"
+    if not stability.is_steady(worst):
+        return cell + " UNSTABLE" + (f" after {len(row['attempt_spreads'])} runs" if "attempt_spreads" in row else "")
+    return cell
 
 
 def render_text(result):
@@ -122,11 +171,13 @@ def render_text(result):
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines += render_rule_tables(result, markdown=False)
+    lines += e2e_report.render(result.get("e2e_rows"), markdown=False)
     lines.append("")
     lines.append(_ceiling_line(result))
     lines += _host_lines(result)
-    lines.append("Targets:")
-    for t in result.get("targets") or evaluate_targets(result):
+    lines.append(f"Targets (judged only on rows with IQR/median <= {100 * stability.SPREAD_BOUND:.0f}%, "
+                 f"a row over it re-measured up to {stability.MAX_REMEASURES} times, else UNSTABLE):")
+    for t in targets_of(result):
         lines.append("  " + _target_line(t))
     return "\n".join(lines)
 
@@ -148,11 +199,21 @@ def _ceiling_line(result):
 
 
 def _target_line(t):
+    status = t.get("status") or {True: stability.MET, False: stability.MISS}.get(t.get("met"), stability.NOT_MEASURED)
     if t["value"] is None:
         return f"[n/a ] {t['target']}: not measured in this run (target >= {t['threshold']})"
     unit = "%" if t["metric"] == "pct" else "x"
-    return (f"[{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['value']:.2f}{unit} "
-            f"(target >= {t['threshold']}{unit})")
+    bound = f"{100 * t.get('spread_bound', stability.SPREAD_BOUND):.0f}%"
+    if status == stability.UNSTABLE:
+        runs = f" after {t['remeasures']} re-measure(s)" if t.get("remeasures") is not None else ""
+        return (f"[UNSTABLE] {t['target']}: {t['value']:.2f}{unit} not judged (target >= {t['threshold']}{unit}): "
+                f"IQR/median {_pct(t.get('spread'))} > {bound}{runs}; rows: {', '.join(t.get('unstable_rows', []))}")
+    if t.get("spread_unknown") or "spread" not in t:
+        spread = "spread unknown"
+    else:
+        spread = f"IQR/median {_pct(t['spread'])} <= {bound}"
+    return (f"[{status.ljust(4)}] {t['target']}: {t['value']:.2f}{unit} "
+            f"(target >= {t['threshold']}{unit}; {spread})")
 
 
 RULE_HEADER = ["workload", "case", "dtype", "gradfuse ms", "torch ms", "torch", "speedup", "gradfuse GB/s",
@@ -169,8 +230,17 @@ def rule_rows(result):
         theirs = "foreach" if row["kind"] == "clip" else row["torch_best"].replace("torch_", "")
         out.append([row["workload"], case, row["dtype"], f"{row['gradfuse_ms']:.3f}", f"{row['torch_ms']:.3f}", theirs,
                     f"{row['speedup']:.2f}x", f"{row['gradfuse_gbps']:.1f}", f"{100 * row['gradfuse_gbps'] / ceiling:.0f}%",
-                    f"{row['gradfuse_iqr_pct']:.0f}%/{row['torch_iqr_pct']:.0f}%"])
+                    _rule_spread_cell(row)])
     return out
+
+
+def _rule_spread_cell(row):
+    spreads = stability.side_spreads(row)
+    cell = f"{_pct(spreads.get('gradfuse'))}/{_pct(spreads.get('torch'))}"
+    worst = stability.row_spread(row)
+    if worst is None:
+        return cell + " (spread unknown)"
+    return cell if stability.is_steady(worst) else cell + " UNSTABLE"
 
 
 def render_rule_tables(result, markdown):
@@ -206,11 +276,16 @@ def render_markdown(result):
              "backward passes (autograd's own accumulation into .grad for torch; see "
              "benchmarks/training_cases.py): no bytes model, so no GB/s.", "",
              "## Targets", ""]
-    for t in result.get("targets") or evaluate_targets(result):
+    lines.append(f"Judged only on rows whose IQR/median is at most {100 * stability.SPREAD_BOUND:.0f}% on every side "
+                 f"the metric uses; a row over it is re-measured up to {stability.MAX_REMEASURES} times (interleaved), "
+                 "and a target left resting on it is UNSTABLE (benchmarks/stability.py).")
+    lines.append("")
+    for t in targets_of(result):
         lines.append(f"- {_target_line(t)}")
     lines += ["", "## Results", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
     lines += render_rule_tables(result, markdown=True)
+    lines += e2e_report.render(result.get("e2e_rows"), markdown=True)
     lines.append("")
     notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "target_notes", f"{m['device']}.md")
     if os.path.exists(notes):  # the hand-written analysis of missed targets for this device type
