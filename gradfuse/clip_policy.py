@@ -1,6 +1,6 @@
-"""How a cycle's global norm becomes the clip factor of its update: the interface of the clip
-policies (FixedClip here: max_grad_norm=; zclip.py: ZClip). A policy's state is a dict of device
-tensors, checkpointed with the optimizer."""
+"""How a cycle's global norm becomes the clip factor of its update: the interface of the adaptive
+clip policies (zclip.py: ZClip; max_grad_norm= alone is the kernels' own factor, see
+cycle_verdict.py). A policy's state is a dict of device tensors, checkpointed with the optimizer."""
 import torch
 
 from .device_state import DeviceState
@@ -20,16 +20,3 @@ class ClipPolicy(DeviceState):
         c = self.coefficient(norm)
         equivalent = torch.where(c >= 1.0, torch.zeros_like(norm), c.reciprocal() - CLIP_EPSILON)
         return torch.where(torch.isfinite(norm), equivalent, norm), 1.0
-
-
-class FixedClip(ClipPolicy):
-    """max_grad_norm=: torch's clip_grad_norm_ factor min(1, max_grad_norm / (norm + 1e-6)), formed
-    by the kernels themselves (None: no clipping)."""
-    name = "max_grad_norm"
-
-    def __init__(self, max_grad_norm):
-        self.max_grad_norm = max_grad_norm
-        self.state = {}
-
-    def kernel_inputs(self, norm):
-        return norm, self.max_grad_norm

@@ -90,7 +90,7 @@ class FusedAccumOptimizer(Optimizer):
         self._cycle_state: Dict[int, dict] = {}  # bucket -> the rule's state this cycle's update reads
         self.clip = self.skip = None  # the cycle policies (ZClip, SpikeSkip); max_grad_norm alone when None
         self._loss_sum, self._loss_count = None, 0  # step(loss=...) of the open cycle, for the skip policy
-        self.last_step_skipped: Optional[torch.Tensor] = None
+        self._last_verdict = None  # the last cycle's CycleVerdict (last_step_skipped reads it)
         self.last_param_norms: Optional[torch.Tensor] = None  # track_param_norms=True: per parameter, float64
         self.track_param_norms = False
         self._micro_step = 0
@@ -165,6 +165,12 @@ class FusedAccumOptimizer(Optimizer):
         if self._skipped_steps is None:
             self._skipped_steps = torch.zeros((), dtype=torch.int64, device=self._layout.primary_device)
         return self._skipped_steps
+
+    @property
+    def last_step_skipped(self) -> Optional[torch.Tensor]:
+        """0-dim bool device tensor: whether the last completed cycle's update was skipped (a
+        non-finite norm, GradScaler's found_inf, a spike the skip policy caught); None before one."""
+        return None if self._last_verdict is None else self._last_verdict.skipped
 
     @property
     def micro_step(self) -> int:
@@ -391,8 +397,8 @@ class FusedAccumOptimizer(Optimizer):
             if device not in self._unused_norm:
                 self._unused_norm[device] = torch.zeros((), dtype=torch.float64, device=device)
             total = self._unused_norm[device]
-            verdict = cycle_verdict.CycleVerdict(total, None, False, torch.zeros((), dtype=torch.bool, device=device))
-        self.last_step_skipped = verdict.skipped
+            verdict = cycle_verdict.CycleVerdict(total, None, False)
+        self._last_verdict = verdict
         if self.error_if_nonfinite and not bool(torch.isfinite(total)):  # documented host sync
             self._end_cycle()
             raise RuntimeError(f"{self._name}: the total gradient norm of this cycle is {total.item()}; the "

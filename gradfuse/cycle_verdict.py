@@ -4,17 +4,26 @@ from the global norm by the clip policy and the skip policy."""
 import torch
 import torch.distributed as dist
 
-from .clip_policy import FixedClip
 from .distributed_norm import ranks_communicate
 
 
 class CycleVerdict:
-    __slots__ = ("norms", "max_norm", "skip_nonfinite", "skipped")
+    __slots__ = ("norms", "max_norm", "skip_nonfinite", "_skipped")
 
-    def __init__(self, norm, max_norm, skip_nonfinite, skipped):
+    def __init__(self, norm, max_norm, skip_nonfinite):
         self.norms = {norm.device: norm}
         self.max_norm, self.skip_nonfinite = max_norm, skip_nonfinite
-        self.skipped = skipped  # 0-dim bool device tensor: this cycle's update is skipped
+        self._skipped = None
+
+    @property
+    def skipped(self):
+        """0-dim bool device tensor: whether this cycle's update is skipped (formed when first read:
+        two tensor ops a step cost more host time than the rest of a small model's step)."""
+        if self._skipped is None:
+            norm = next(iter(self.norms.values()))
+            self._skipped = ~torch.isfinite(norm) if self.skip_nonfinite else torch.zeros((), dtype=torch.bool,
+                                                                                         device=norm.device)
+        return self._skipped
 
     def norm_on(self, device):
         if device not in self.norms:
@@ -25,15 +34,14 @@ class CycleVerdict:
 def decide(total, max_grad_norm, clip, skip, loss, skip_nonfinite, skipped_steps):
     """The verdict for total (0-dim float64, on skipped_steps' device); a spike that skip
     decides to skip is counted in skipped_steps (a non-finite norm was counted already)."""
-    norm, max_norm = (clip if clip is not None else FixedClip(max_grad_norm)).kernel_inputs(total)
-    finite = torch.isfinite(total)
+    # max_grad_norm= alone: the kernels form torch's factor min(1, max_norm / (norm + 1e-6)) themselves
+    norm, max_norm = clip.kernel_inputs(total) if clip is not None else (total, max_grad_norm)
     if skip is not None:
-        spike = skip.decide(total, loss) & finite
+        spike = skip.decide(total, loss) & torch.isfinite(total)
         skipped_steps.add_(spike.to(skipped_steps.dtype))
         norm = torch.where(spike, torch.full_like(norm, float("nan")), norm)  # the kernels skip a NaN norm
         skip_nonfinite = True
-    skipped = ~torch.isfinite(norm) if skip_nonfinite else torch.zeros_like(finite)
-    return CycleVerdict(norm, max_norm, skip_nonfinite, skipped)
+    return CycleVerdict(norm, max_norm, skip_nonfinite)
 
 
 def cycle_loss(loss_sum, count):
