@@ -381,7 +381,7 @@ class FusedAccumOptimizer(Optimizer):
             self._warned_empty_cycle = True
             warnings.warn(f"{self._name}: {_NO_GRADIENT}", stacklevel=3)
         if self._needs_norm():
-            every = [(b.device, b.domain) for b in self._layout.buckets]  # every rank runs every domain's collective
+            every = self._layout.norm_keys
             total = self.last_grad_norm = self._norms.total(
                 self.skipped_steps.device, self.skipped_steps, self.norm_type, scale,
                 self._skips_nonfinite() or self.error_if_nonfinite, every)

@@ -31,7 +31,7 @@ class Layout:
     """params: the state_dict order; sorted: the slot order (sorted[k] is params[order[k]]);
     inspector: the native reader of the slots' .grad."""
     __slots__ = ("params", "group_of", "order", "sorted", "buckets", "domains", "has_sharded", "inspector",
-                 "group_lists", "views", "slot_of_param")
+                 "group_lists", "views", "slot_of_param", "norm_keys")
 
     def __init__(self, params, group_of, order, buckets, domains, group_lists):
         self.params: List[torch.Tensor] = params
@@ -41,6 +41,8 @@ class Layout:
         self.buckets: List[Bucket] = buckets
         self.domains: Dict[str, Tuple] = domains
         self.has_sharded = any(b.sharded for b in buckets)
+        # Every (device, norm domain) of the layout: each rank runs each one's collective every cycle.
+        self.norm_keys = tuple(dict.fromkeys((b.device, b.domain) for b in buckets))
         self.inspector = GradientInspector(self.sorted)
         self.group_lists = group_lists  # the params lists it was built from: an edit of param_groups shows
         self.slot_of_param = sorted(range(len(order)), key=lambda k: order[k])  # parameter index -> its slot

@@ -14,6 +14,7 @@ class NormPartials:
     def __init__(self, domain_groups=None):
         self.domain_groups = dict(domain_groups or {"": ()})
         self.states = {}  # (device, domain) -> norm state
+        self._order = ()  # the states' keys in the one order every rank reduces them in
         self.slot_count = None  # track_param_norms: the layout's slot count, else None
         self.slot_states = {}  # (device, domain) -> float64 per-slot partials (zero outside its slots)
 
@@ -21,6 +22,7 @@ class NormPartials:
         """A new layout's domains; partials of domains gone are dropped (a flag on "" stays)."""
         self.domain_groups = dict(domain_groups)
         self.states = {key: state for key, state in self.states.items() if key[1] in self.domain_groups}
+        self._order = ()
         self.slot_states = {}  # a new layout numbers its slots anew
 
     def partial(self, device, domain=""):
@@ -71,7 +73,9 @@ class NormPartials:
         for device, domain in every:
             self.partial(device, domain)
         state = self.partial(primary)
-        keys = sorted(self.states, key=lambda key: (str(key[0]), key[1]))  # one order on every rank
+        if len(self._order) != len(self.states):  # keys are only ever added (or dropped with a new layout)
+            self._order = tuple(sorted(self.states, key=lambda key: (str(key[0]), key[1])))  # one order on every rank
+        keys = self._order
         for key in keys:
             all_reduce_norm_state_(self.states[key], self.domain_groups[key[1]], norm_type)
         for key in keys:
