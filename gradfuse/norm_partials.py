@@ -55,7 +55,9 @@ class NormPartials:
         inf_norm = norm_type == float("inf")
         for key in sorted(self.slot_states, key=lambda key: (str(key[0]), key[1])):  # one order on every rank
             vector = self.slot_states[key]
-            all_reduce_norm_state_(vector, self.domain_groups[key[1]], norm_type)
+            # Plain tensors are whole on their rank (process_group= splits parameters, not tensors):
+            # only the pieces of sharded (DTensor) parameters are reduced.
+            all_reduce_norm_state_(vector, self.domain_groups[key[1]] if key[1] else (), norm_type)
             merged = torch.maximum(merged, vector.to(primary)) if inf_norm else merged + vector.to(primary)
             vector.zero_()
         finished = (merged if inf_norm else merged.sqrt()) * scale

@@ -123,6 +123,53 @@ def ddp_flat_bucket_view_refused(rank, ranks):
         raise AssertionError("the refused step changed parameters")
 
 
+def policies_under_process_group(rank, ranks):
+    """ZeRO-style sharding with process_group=: each rank updates its own parameters with clip=ZClip,
+    skip=SpikeSkip and track_param_norms, and reaches the single-process decisions, parameters and
+    per-parameter norms (the global norm summed over the ranks, each parameter's norm its own)."""
+    from gradfuse import SpikeSkip, ZClip
+
+    k, cycles = 2, 20
+    gen = torch.Generator().manual_seed(11)
+    batches = [(torch.randn(6, 5, generator=gen, dtype=torch.float64),
+                torch.randn(6, 3, generator=gen, dtype=torch.float64) * (40.0 if t % 11 == 10 else 1.0))
+               for t in range(cycles * k)]
+
+    def make_opt(params, **kw):
+        return FusedAccumSGD(params, lr=0.1, momentum=0.9, accumulation_steps=k, clip=ZClip(warmup_steps=3),
+                             skip=SpikeSkip(window=6, sigma=2.0), track_param_norms=True, **kw)
+
+    def train(model, opt, params, share):
+        decisions, norms = [], []
+        for x, y in batches:
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step(loss=loss)
+            model.zero_grad()
+            if opt.micro_step == 0:
+                decisions.append(opt.last_step_skipped.clone())
+                norms.append(opt.last_param_norms.clone())
+                share(params)
+        return torch.stack(decisions), norms
+
+    single = make_model()
+    expected, expected_norms = train(single, make_opt(single.parameters()), list(single.parameters()), lambda _: None)
+    model = make_model()
+    params = list(model.parameters())
+    owned = [i for i in range(len(params)) if i % ranks == rank]
+
+    def share(all_params):  # each owner sends its updated parameters, as ZeRO does
+        for i, p in enumerate(all_params):
+            dist.broadcast(p.data, src=i % ranks)
+    decisions, norms = train(model, make_opt([params[i] for i in owned], process_group=dist.group.WORLD), params,
+                             share)
+    if not torch.equal(decisions, expected) or not bool(expected.any()):
+        raise AssertionError(f"process_group: decisions {decisions.tolist()} != single-process {expected.tolist()}")
+    check_close([p.detach() for p in params], [p.detach() for p in single.parameters()], "process_group policies")
+    for cycle, (got, want) in enumerate(zip(norms, expected_norms)):
+        check_close([got], [want[owned]], f"process_group per-parameter norms, cycle {cycle}", tol=1e-12)
+
+
 def strided_param_refused_under_ddp(rank, ranks):
     """Under torch.distributed the running sums go back as .grad, which a complex or gappy parameter's
     kernel view cannot be: refused when the optimizer is built, before anything changes."""

@@ -67,6 +67,10 @@ def test_cycle_policies_decide_alike_on_every_rank(wrapper):
     spawn(2, "policies_match_single_process", wrapper)
 
 
+def test_cycle_policies_under_process_group_sharding():
+    spawn(2, "policies_under_process_group")
+
+
 def test_complex_and_gappy_params_refused_under_torch_distributed():
     spawn(2, "strided_param_refused_under_ddp")
 
