@@ -30,7 +30,8 @@ class SpikeSkip(DeviceState):
                 "loss_count": torch.zeros((), dtype=torch.int64, device=device)}
 
     def _spike(self, ring, count, value):
-        """(spike decision, ring and count with value recorded) for one series."""
+        """The spike decision for one series; value is then recorded in ring and count, in place (a
+        captured CUDA graph replays into the same tensors)."""
         seen = count.clamp(max=self.window)
         valid = torch.arange(self.window, device=ring.device) < seen
         previous = seen.to(torch.float64)
@@ -40,15 +41,15 @@ class SpikeSkip(DeviceState):
         spike = decides & ~((value - mean) <= self.sigma * std)  # NaN std (one earlier value) skips, as OLMo's does
         finite = torch.isfinite(value)
         slot = (count % self.window).reshape(1)
-        recorded = ring.index_copy(0, slot, torch.where(finite, value, ring[slot[0]]).reshape(1))
-        return spike, recorded, count + finite.to(torch.int64)
+        ring.index_copy_(0, slot, torch.where(finite, value, ring.index_select(0, slot)[0]).reshape(1))
+        count.add_(finite.to(torch.int64))
+        return spike
 
     def decide(self, norm, loss=None):
         """Whether this cycle is skipped (0-dim bool device tensor), recording its norm (and loss)."""
         state = self.state_on(norm.device)
-        spike, state["norms"], state["count"] = self._spike(state["norms"], state["count"], norm)
+        spike = self._spike(state["norms"], state["count"], norm)
         if loss is not None:
-            loss_spike, state["losses"], state["loss_count"] = self._spike(
-                state["losses"], state["loss_count"], loss.to(device=norm.device, dtype=torch.float64).reshape(()))
-            spike = spike | loss_spike
+            loss = loss.to(device=norm.device, dtype=torch.float64).reshape(())
+            spike = spike | self._spike(state["losses"], state["loss_count"], loss)
         return spike

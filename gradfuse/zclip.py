@@ -99,11 +99,13 @@ class ZClip(ClipPolicy):
         updates = ~warming & finite
         if self.skip_update_on_spike:  # a spike leaves the statistics as they were
             updates = updates & ~spike
-        state["buffer"] = torch.where(initializing, torch.zeros_like(collected), collected)
-        state["mean"] = torch.where(initializing, first_mean, torch.where(updates, new_mean, mean))
-        state["var"] = torch.where(initializing, first_var, torch.where(updates, new_var, var))
-        state["count"] = count + finite.to(torch.int64)
-        return torch.where(warming, warm_coefficient, ema_coefficient)
+        coefficient = torch.where(warming, warm_coefficient, ema_coefficient)
+        # In place, after every read of the old values: a captured CUDA graph replays into the same tensors.
+        buffer.copy_(torch.where(initializing, torch.zeros_like(collected), collected))
+        mean.copy_(torch.where(initializing, first_mean, torch.where(updates, new_mean, mean)))
+        var.copy_(torch.where(initializing, first_var, torch.where(updates, new_var, var)))
+        count.add_(finite.to(torch.int64))
+        return coefficient
 
     @torch.no_grad()
     def clip_(self, parameters):

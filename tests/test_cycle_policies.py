@@ -265,3 +265,64 @@ def test_policies_never_synchronize_with_the_host():
         torch.cuda.set_sync_debug_mode(previous)
     assert int(opt.clip.state["count"]) == 11 and int(opt.skip.state["count"]) == 11
     assert all(bool(torch.isfinite(p).all()) for p in params)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and gradfuse.cuda_compiled),
+                    reason="needs a CUDA device and a CUDA build of gradfuse")
+def test_policies_in_a_captured_cuda_graph_match_eager():
+    """A whole cycle (K=2) with clip=ZClip, skip=SpikeSkip and step(loss=) captured once and
+    replayed: the policies' state advances in place at every replay, as in the eager run."""
+    k, warmup, replays = 2, 3, 12
+    g = torch.Generator(device="cuda").manual_seed(5)
+    shapes = [(257, 33), (5,), (4097,)]
+    initial = [torch.randn(s, generator=g, device="cuda") for s in shapes]
+    cycles = [[[torch.randn(s, generator=g, device="cuda") * (30.0 if c % 5 == 4 else 1.0) for s in shapes]
+               for _ in range(k)] for c in range(warmup + replays)]
+    losses = [[torch.rand((), generator=g, device="cuda") for _ in range(k)] for _ in range(warmup + replays)]
+
+    def build():
+        params = [t.clone() for t in initial]
+        return params, FusedAccumAdamW(params, lr=0.01, accumulation_steps=k, clip=ZClip(warmup_steps=2),
+                                       skip=SpikeSkip(window=4, sigma=1.0))
+
+    def run(params, opt, grads, cycle_losses):
+        for m in range(k):
+            for p, grad in zip(params, grads[m]):
+                p.grad = grad.clone()
+            opt.step(loss=cycle_losses[m])
+            opt.zero_grad()
+
+    e_params, e_opt = build()
+    expected = []
+    for c in range(warmup + replays):
+        run(e_params, e_opt, cycles[c], losses[c])
+        expected.append(([p.clone() for p in e_params], e_opt.last_step_skipped.clone()))
+    g_params, g_opt = build()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in range(warmup):
+            run(g_params, g_opt, cycles[c], losses[c])
+    torch.cuda.current_stream().wait_stream(side)
+    static_grads = [[torch.zeros(s, device="cuda") for s in shapes] for _ in range(k)]
+    static_losses = [torch.zeros((), device="cuda") for _ in range(k)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for m in range(k):
+            for p, grad in zip(g_params, static_grads[m]):
+                p.grad = grad
+            g_opt.step(loss=static_losses[m])
+            g_opt.zero_grad()
+    skipped_any = False
+    for c in range(warmup, warmup + replays):
+        for m in range(k):
+            for dst, src in zip(static_grads[m], cycles[c][m]):
+                dst.copy_(src)
+            static_losses[m].copy_(losses[c][m])
+        graph.replay()
+        torch.cuda.synchronize()
+        params, skipped = expected[c]
+        assert all(torch.equal(a, b) for a, b in zip(g_params, params)), f"replay of cycle {c}"
+        assert torch.equal(g_opt.last_step_skipped, skipped), f"cycle {c}'s skip decision"
+        skipped_any |= bool(skipped)
+    assert skipped_any, "the stream must make the skip policy skip a replayed cycle"
