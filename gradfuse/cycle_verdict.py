@@ -8,22 +8,19 @@ from .distributed_norm import ranks_communicate
 
 
 class CycleVerdict:
-    __slots__ = ("norms", "max_norm", "skip_nonfinite", "_skipped")
+    __slots__ = ("norms", "max_norm", "skip_nonfinite")
 
     def __init__(self, norm, max_norm, skip_nonfinite):
         self.norms = {norm.device: norm}
         self.max_norm, self.skip_nonfinite = max_norm, skip_nonfinite
-        self._skipped = None
 
     @property
     def skipped(self):
-        """0-dim bool device tensor: whether this cycle's update is skipped (formed when first read:
-        two tensor ops a step cost more host time than the rest of a small model's step)."""
-        if self._skipped is None:
-            norm = next(iter(self.norms.values()))
-            self._skipped = ~torch.isfinite(norm) if self.skip_nonfinite else torch.zeros((), dtype=torch.bool,
-                                                                                         device=norm.device)
-        return self._skipped
+        """0-dim bool device tensor: whether this cycle's update is skipped. Formed at each read, from
+        the norm the kernels took (two tensor ops every step cost more host time than the rest of a
+        small model's step; and a replayed CUDA graph rewrites that norm)."""
+        norm = next(iter(self.norms.values()))
+        return ~torch.isfinite(norm) if self.skip_nonfinite else torch.zeros((), dtype=torch.bool, device=norm.device)
 
     def norm_on(self, device):
         if device not in self.norms:
