@@ -43,9 +43,7 @@ def make_optimizer(name, params, K=1, max_norm=MAX_NORM):
     if name in ("gradfuse", "gradfuse_flat"):
         return gradfuse.FusedAccumSGD(params, lr=LR, momentum=MOMENTUM, accumulation_steps=K, max_grad_norm=max_norm,
                                       flat_buffers=name == "gradfuse_flat")
-    if name == "gradfuse_param_norms":  # per-parameter norms from the same pass (CPU kernels so far)
-        if params[0].device.type != "cpu":
-            return None
+    if name == "gradfuse_param_norms":  # per-parameter norms from the same pass
         return gradfuse.FusedAccumSGD(params, lr=LR, momentum=MOMENTUM, accumulation_steps=K, max_grad_norm=max_norm,
                                       track_param_norms=True)
     if name in TORCH_IMPLS:

@@ -31,11 +31,11 @@ Recorded per update and run (JSON "curves", the plot, the table): the training l
 K micro-batches), the held-out loss (--curve-eval-size fixed sequences), the pre-clip global
 gradient norm (gradfuse: opt.last_grad_norm; sgd: computed from .grad before opt.step()), whether
 the cycle was clipped and whether it was skipped (opt.last_step_skipped), and the gradient norm of
-the layer that explodes, the RNN's recurrent weight weight_hh_l0. On CPU the gradfuse runs report
+the layer that explodes, the RNN's recurrent weight weight_hh_l0. The gradfuse runs report
 it themselves (track_param_norms=True: opt.param_norms(model)["rnn.weight_hh_l0"], from the fused
 norm pass); the demo also computes it from weight_hh_l0.grad before each opt.step() (the gradient the
 optimizer sees: the K micro-batch gradients summed, the norm of their mean) and stores the largest
-relative difference between the two; elsewhere, and for sgd, the demo's own value is used. The same
+relative difference between the two; for sgd the demo's own value is used. The same
 computation over every parameter reproduces opt.last_grad_norm (checked: the largest relative
 difference is printed and stored). Whether a ZClip cycle was clipped is likewise computed
 by the demo, by replaying opt.last_grad_norm through a separate gradfuse.ZClip with the same
@@ -338,7 +338,7 @@ def save_plot(path, steps, runs, args, spikes):
     axh.set_ylim(min(v for r in runs if r.gradfuse for v in r.hist["hh_grad_norm"] if v > 0) / 30,
                  gradfuse_top("hh_grad_norm", 5))
     axh.set_ylabel("|grad weight_hh_l0| (pre-clip)")
-    axh.set_title("recurrent weight's own gradient norm per cycle (gradfuse on CPU: opt.param_norms(); sgd: from .grad)", fontsize=9)
+    axh.set_title("recurrent weight's own gradient norm per cycle (gradfuse: opt.param_norms(); sgd: from .grad)", fontsize=9)
     axh.set_xlabel("optimizer step")
     axh.legend(loc="lower left", fontsize=8, ncol=4)
     axh.grid(True, which="major", alpha=0.3)
@@ -363,8 +363,7 @@ def main(argv=None):
     for name in RUNS[1:]:
         models[name].load_state_dict(models["sgd"].state_dict())  # identical initial weights
 
-    # gradfuse's per-parameter norms come from its CPU kernels so far: elsewhere the demo computes them itself.
-    common = dict(lr=args.lr, momentum=args.momentum, accumulation_steps=K, track_param_norms=device.type == "cpu")
+    common = dict(lr=args.lr, momentum=args.momentum, accumulation_steps=K, track_param_norms=True)
     zcap = args.zclip_max_grad_norm
     zcap = args.max_grad_norm if zcap is None else (None if str(zcap).lower() == "none" else float(zcap))
     zclip_args = dict(z_thresh=args.zclip_z_thresh, alpha=args.zclip_alpha, max_grad_norm=zcap)

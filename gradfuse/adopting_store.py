@@ -294,5 +294,5 @@ def _scattered(slot_partials, slots):
 
 def _gather_back(slot_partials, slots, per_slot):
     """Writes an op call's per-tensor partials into their slots (each slot gets one call a cycle)."""
-    if per_slot is not None:
-        slot_partials.index_copy_(0, torch.tensor(slots, device=slot_partials.device), per_slot)
+    if per_slot is not None:  # one fused copy, no index tensor to send to the device
+        torch._foreach_copy_([slot_partials[k] for k in slots], list(per_slot.unbind(0)))

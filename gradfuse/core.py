@@ -212,9 +212,6 @@ class FusedAccumOptimizer(Optimizer):
             raise ValueError("some parameters appear in more than one parameter group")
         for p in params:
             hp.accumulator_dtype(kernel_views.kernel_dtype(p.dtype), self.accum_dtype)
-            if self.track_param_norms and local_tensor(p).device.type != "cpu":
-                raise ValueError(f"{self._name}: track_param_norms=True is computed by the CPU kernels only so far; "
-                                 f"a parameter is on {local_tensor(p).device}")
         if self._store is not None:
             self._store.check_new_params(params)
         _check_no_shared_memory(others + params, self._name)

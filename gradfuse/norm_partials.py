@@ -16,6 +16,7 @@ class NormPartials:
         self.states = {}  # (device, domain) -> norm state
         self._order = ()  # the states' keys in the one order every rank reduces them in
         self.slot_count = None  # track_param_norms: the layout's slot count, else None
+        self._slot_index = {}  # device -> parameter index -> slot, as a tensor
         self.slot_states = {}  # (device, domain) -> float64 per-slot partials (zero outside its slots)
 
     def use_domains(self, domain_groups):
@@ -34,7 +35,7 @@ class NormPartials:
 
     def track_slots(self, count):
         """Per-slot partials from now on (count slots), or none (count None)."""
-        self.slot_count, self.slot_states = count, {}
+        self.slot_count, self.slot_states, self._slot_index = count, {}, {}
 
     def slots(self, device, domain=""):
         """The per-slot partials of one device and domain (created zeroed), or None when not tracked."""
@@ -61,7 +62,10 @@ class NormPartials:
             merged = torch.maximum(merged, vector.to(primary)) if inf_norm else merged + vector.to(primary)
             vector.zero_()
         finished = (merged if inf_norm else merged.sqrt()) * scale
-        return finished.index_select(0, torch.tensor(slot_of_param, dtype=torch.int64, device=primary))
+        index = self._slot_index.get(primary)
+        if index is None:  # once per layout and device: a host-to-device copy is no per-cycle cost
+            index = self._slot_index[primary] = torch.tensor(slot_of_param, dtype=torch.int64, device=primary)
+        return finished.index_select(0, index)
 
     def flag(self, device, value):
         """Marks the norm non-finite where value (a 1-element tensor, any device) is non-zero: the

@@ -243,7 +243,7 @@ def test_repr_and_exports():
 def test_policies_never_synchronize_with_the_host():
     params = [torch.randn(s, dtype=torch.float32, device="cuda") for s in [(257, 33), (5,), (4097,)]]
     opt = FusedAccumAdamW(params, lr=0.01, accumulation_steps=2, clip=ZClip(warmup_steps=2),
-                          skip=SpikeSkip(window=4, sigma=2.0))
+                          skip=SpikeSkip(window=4, sigma=2.0), track_param_norms=True)
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def cycles(n):
@@ -264,6 +264,7 @@ def test_policies_never_synchronize_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert int(opt.clip.state["count"]) == 11 and int(opt.skip.state["count"]) == 11
+    assert opt.last_param_norms.device.type == "cuda" and bool((opt.last_param_norms > 0).all())
     assert all(bool(torch.isfinite(p).all()) for p in params)
 
 

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace gradfuse::cuda {
@@ -164,22 +165,51 @@ class MultiTensorLaunch {
   // Chunks over all launches (one norm partial slot each); 0 when every tensor is empty.
   int64_t total_chunks() const { return total_chunks_; }
 
-  // make_op(first_chunk) builds the op of a launch whose chunks are first_chunk, first_chunk + 1, ...
+  // Per-tensor piece slots over all launches (tensors + chunks of each; see tensor_pieces.cuh).
+  int64_t total_pieces() const {
+    int64_t pieces = 0;
+    for (const LaunchGroup& group : groups_) {
+      pieces += static_cast<int64_t>(group.tensors.size()) + group.chunks;
+    }
+    return pieces;
+  }
+
+  // make_op(first_chunk) (or make_op(first_chunk, first_piece)) builds the op of a launch whose
+  // chunks are first_chunk, first_chunk + 1, ... and whose pieces start at first_piece.
   template <typename MakeOp>
   void launch(cudaStream_t stream, const MakeOp& make_op) const {
     std::unique_ptr<FullTable<kDepth>> full;  // 32 KB: off the host stack, not zero-filled
     int64_t first_chunk = 0;
+    int64_t first_piece = 0;
     for (const LaunchGroup& group : groups_) {
+      const auto op = [&] {
+        if constexpr (std::is_invocable_v<MakeOp, int64_t, int64_t>) {
+          return make_op(first_chunk, first_piece);
+        } else {
+          return make_op(first_chunk);
+        }
+      }();
       if (uses_small_table(static_cast<int64_t>(group.tensors.size()), kDepth)) {
         SmallTable<kDepth> table;
-        issue(table, group, stream, make_op(first_chunk));
+        issue(table, group, stream, op);
       } else {
         if (!full) {
           full.reset(new FullTable<kDepth>);
         }
-        issue(*full, group, stream, make_op(first_chunk));
+        issue(*full, group, stream, op);
       }
       first_chunk += group.chunks;
+      first_piece += static_cast<int64_t>(group.tensors.size()) + group.chunks;
+    }
+  }
+
+  // Visits every launch as visit(group, first_piece, chunk_units, numels) (see tensor_pieces.cuh).
+  template <typename Visit>
+  void for_each_launch(const Visit& visit) const {
+    int64_t first_piece = 0;
+    for (const LaunchGroup& group : groups_) {
+      visit(group, first_piece, chunk_units_, numels_);
+      first_piece += static_cast<int64_t>(group.tensors.size()) + group.chunks;
     }
   }
 

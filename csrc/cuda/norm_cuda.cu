@@ -8,6 +8,7 @@
 #include "cuda_device.h"
 #include "multi_tensor_apply.cuh"
 #include "norm_reduce.cuh"
+#include "tensor_pieces.cuh"
 #include "vector_io.cuh"
 
 #include <ATen/Dispatch.h>
@@ -24,14 +25,17 @@ constexpr const char* kNormOp = "gradfuse::accumulate_norm_";
 constexpr const char* kFinalizeOp = "gradfuse::finalize_norm_";
 
 // Norm partial of the elements of one list (table list 0), one partial per chunk.
-template <typename T, bool kInfNorm>
+template <typename T, bool kInfNorm, bool kPerTensor>
 struct NormOp {
   static constexpr int kWidth = pack_width<T>();
   static constexpr bool kChunkResults = true;  // one norm partial per chunk
   double* partials;
   int64_t first_chunk;
+  double* pieces;  // kPerTensor: each (tensor, chunk) piece's own partial (tensor_pieces.cuh)
+  int64_t first_piece;
   const T* data = nullptr;
   ThreadNorm<kInfNorm> norm;
+  ThreadNorm<kInfNorm> piece;
 
   __device__ __forceinline__ bool begin_block() { return true; }
 
@@ -39,6 +43,10 @@ struct NormOp {
   __device__ __forceinline__ void segment(const Table& table, int t, int64_t begin, int64_t n) {
     data = static_cast<const T*>(table.ptrs[0][t]) + begin;
     sweep_segment<kWidth>(n, pack_alignment<kWidth>(data), *this);
+    if constexpr (kPerTensor) {  // every thread of the block reaches this (segments are block-uniform)
+      store_chunk_partial<kInfNorm>(piece.value, pieces, first_piece + t + chunk_of_segment(table, t, begin));
+      piece.value = 0.0;
+    }
   }
 
   template <int W>
@@ -54,6 +62,9 @@ struct NormOp {
     for (int k = 0; k < kIlp<W>; ++k) {
       if (valid[k]) {
         add_values(norm, x[k].val);
+        if constexpr (kPerTensor) {
+          add_values(piece, x[k].val);
+        }
       }
     }
   }
@@ -122,11 +133,11 @@ void merge_partials_into_state(const at::Tensor& partials, const at::Tensor& nor
 
 void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, double norm_type,
                       const std::optional<at::Tensor>& tensor_norms) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!tensor_norms.has_value(), kNormOp,
-                              ": tensor_norms (per-parameter norms) are computed on CPU only so far");
+
   const at::Device device = norm_state.device();
   check_cuda_device(kNormOp, "norm_state", device);
   check_norm_inputs(norm_state, tensors, norm_type, device);
+  check_tensor_norms(kNormOp, tensor_norms, true, tensors.size(), device);
   if (tensors.empty()) {
     return;
   }
@@ -135,15 +146,28 @@ void accumulate_norm_(const at::Tensor& norm_state, at::TensorList tensors, doub
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "gradfuse_norm_cuda", [&] {
     GRADFUSE_BOOL_SWITCH(inf_norm, kInfNorm, [&] {
-      using Op = NormOp<scalar_t, kInfNorm>;
-      const MultiTensorLaunch<1, Op> launch({tensors}, {false}, device.index());
-      if (launch.total_chunks() == 0) {
-        return;  // only empty tensors: the CPU adds a zero partial, which changes nothing
-      }
-      const at::Tensor partials = at::empty({launch.total_chunks()}, norm_state.options());
-      double* partials_ptr = partials.mutable_data_ptr<double>();
-      launch.launch(stream, [&](int64_t first_chunk) { return Op{partials_ptr, first_chunk}; });
-      merge_partials_into_state(partials, norm_state, kInfNorm, stream);
+      GRADFUSE_BOOL_SWITCH(tensor_norms.has_value(), kPerTensor, [&] {
+        using Op = NormOp<scalar_t, kInfNorm, kPerTensor>;
+        const MultiTensorLaunch<1, Op> launch({tensors}, {false}, device.index());
+        if (launch.total_chunks() == 0) {
+          return;  // only empty tensors: the CPU adds a zero partial, which changes nothing
+        }
+        const at::Tensor partials = at::empty({launch.total_chunks()}, norm_state.options());
+        double* partials_ptr = partials.mutable_data_ptr<double>();
+        at::Tensor pieces;
+        double* pieces_ptr = nullptr;
+        if constexpr (kPerTensor) {
+          pieces = at::empty({launch.total_pieces()}, norm_state.options());
+          pieces_ptr = pieces.mutable_data_ptr<double>();
+        }
+        launch.launch(stream, [&](int64_t first_chunk, int64_t first_piece) {
+          return Op{partials_ptr, first_chunk, pieces_ptr, first_piece};
+        });
+        merge_partials_into_state(partials, norm_state, kInfNorm, stream);
+        if constexpr (kPerTensor) {
+          merge_tensor_pieces(launch, pieces, *tensor_norms, kInfNorm, stream);
+        }
+      });
     });
   });
 }
