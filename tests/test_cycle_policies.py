@@ -240,7 +240,7 @@ def test_repr_and_exports():
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and gradfuse.cuda_compiled),
                     reason="needs a CUDA device and a CUDA build of gradfuse")
-def test_policies_never_synchronize_with_the_host():
+def test_policies_never_synchronize_with_the_host_on_cuda():
     params = [torch.randn(s, dtype=torch.float32, device="cuda") for s in [(257, 33), (5,), (4097,)]]
     opt = FusedAccumAdamW(params, lr=0.01, accumulation_steps=2, clip=ZClip(warmup_steps=2),
                           skip=SpikeSkip(window=4, sigma=2.0), track_param_norms=True)
