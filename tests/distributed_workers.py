@@ -123,6 +123,15 @@ def ddp_flat_bucket_view_refused(rank, ranks):
         raise AssertionError("the refused step changed parameters")
 
 
+def policy_micro_step(model, opt, x, y, zero_grad):
+    """One micro-batch, its loss handed to the skip policy; True when it ended a cycle."""
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step(loss=loss)
+    zero_grad()
+    return opt.micro_step == 0
+
+
 def policies_under_process_group(rank, ranks):
     """ZeRO-style sharding with process_group=: each rank updates its own parameters with clip=ZClip,
     skip=SpikeSkip and track_param_norms, and reaches the single-process decisions, parameters and
@@ -142,11 +151,7 @@ def policies_under_process_group(rank, ranks):
     def train(model, opt, params, share):
         decisions, norms = [], []
         for x, y in batches:
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            opt.step(loss=loss)
-            model.zero_grad()
-            if opt.micro_step == 0:
+            if policy_micro_step(model, opt, x, y, model.zero_grad):
                 decisions.append(opt.last_step_skipped.clone())
                 norms.append(opt.last_param_norms.clone())
                 share(params)
@@ -437,11 +442,7 @@ def policies_match_single_process(rank, ranks, wrapper):
                 opt = make_opt(model.parameters())
                 set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
             x, y = rows_of(batch)
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            opt.step(loss=loss)
-            opt.zero_grad()
-            if opt.micro_step == 0:
+            if policy_micro_step(model, opt, x, y, opt.zero_grad):
                 decisions.append(opt.last_step_skipped.clone())
         return torch.stack(decisions), opt
 
