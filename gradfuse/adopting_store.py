@@ -183,15 +183,15 @@ class AdoptingStore(SumStore):
             self.live[bi] += acc is None and g is not None
         for first, slots in ((True, fresh), (False, adding)):
             if slots:
-                per_slot = _scattered(slot_partials, slots)
+                per_slot = scattered_partials(slot_partials, slots)
                 direct_ops.accumulate_([sums[k] for k in slots], [grads[k] for k in slots], 1.0, first, norm_state,
                                        norm_type, amp_scale, per_slot)
-                _gather_back(slot_partials, slots, per_slot)
+                write_back_partials(slot_partials, slots, per_slot)
         if norm_state is not None:
             for slots in norm_only.values():
-                per_slot = _scattered(slot_partials, slots)
+                per_slot = scattered_partials(slot_partials, slots)
                 direct_ops.accumulate_norm_(norm_state, [sums[k] for k in slots], norm_type, per_slot)
-                _gather_back(slot_partials, slots, per_slot)
+                write_back_partials(slot_partials, slots, per_slot)
 
     def _owned_buffer(self, k, bucket):
         """Slot k's own sum buffer (kept across cycles: first=True overwrites it)."""
@@ -286,13 +286,13 @@ class AdoptingStore(SumStore):
         return bool(self.layout.sorted)
 
 
-def _scattered(slot_partials, slots):
+def scattered_partials(slot_partials, slots):
     """A fresh per-tensor partials vector for an op call over some slots (None when not tracked)."""
     return None if slot_partials is None else torch.zeros(len(slots), dtype=torch.float64,
                                                           device=slot_partials.device)
 
 
-def _gather_back(slot_partials, slots, per_slot):
+def write_back_partials(slot_partials, slots, per_slot):
     """Writes an op call's per-tensor partials into their slots (each slot gets one call a cycle)."""
     if per_slot is not None:  # one fused copy, no index tensor to send to the device
         torch._foreach_copy_([slot_partials[k] for k in slots], list(per_slot.unbind(0)))

@@ -4,6 +4,7 @@ state_dict) and the micro-step pipeline. Where the running sums live is the stor
 partials are one NormPartials (norm_partials.py). An update rule (sgd.py, adamw.py) adds its
 hyperparameters, its per-parameter state and one fused update call."""
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Callable, Dict, Optional
 
@@ -69,7 +70,15 @@ class FusedAccumOptimizer(Optimizer):
         super().__init__(params, defaults)  # add_param_group builds the layout and a default store
         self.state = TrackedState(self.state)  # torch's defaultdict(dict), counting its writes
         if mode != "default":
-            self._store = stores.make(mode, self._name, self._layout, self.accum_dtype, self._store)
+            self._store = stores.make(mode, self._name, self._layout, self.accum_dtype, self._store,
+                                      weakref.WeakMethod(self._hot_norm_target))
+
+    def _hot_norm_target(self):
+        """(norm partials, norm type) while the coming micro-batch ends a cycle that needs the norm (the
+        backward-hook store then takes it while each gradient is hot), else None."""
+        if self._micro_step + 1 == self.accumulation_steps and self._needs_norm():
+            return self._norms, self.norm_type
+        return None
 
     def _check_mode(self, in_backward, flat):
         if in_backward and flat:
@@ -123,7 +132,8 @@ class FusedAccumOptimizer(Optimizer):
         self.clip, self.skip = policies.get("clip"), policies.get("skip")
         self._rebuild_layout()
         if mode != "default":
-            self._store = stores.make(mode, self._name, self._layout, self.accum_dtype, self._store)
+            self._store = stores.make(mode, self._name, self._layout, self.accum_dtype, self._store,
+                                      weakref.WeakMethod(self._hot_norm_target))
         self._load_cycle(extra)
 
     def _check_group(self, group, check_tensor_lr=True):

@@ -33,6 +33,13 @@ class NormPartials:
             state = self.states[(device, domain)] = ops.new_norm_state(device)
         return state
 
+    def reset(self):
+        """Drops every partial of the open cycle (recomputed whole by the caller)."""
+        for state in self.states.values():
+            state.zero_()
+        for vector in self.slot_states.values():
+            vector.zero_()
+
     def track_slots(self, count):
         """Per-slot partials from now on (count slots), or none (count None)."""
         self.slot_count, self.slot_states, self._slot_index = count, {}, {}

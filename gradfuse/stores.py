@@ -8,12 +8,13 @@ from .hand_back_store import HandBackStore
 MODES = ("default", "accumulate_in_backward", "flat_buffers")
 
 
-def make(mode, name, layout, accum_dtype, previous=None):
-    """The store of `mode` over layout, carrying previous's sums (and buffers) where it can."""
+def make(mode, name, layout, accum_dtype, previous=None, hot_norm=None):
+    """The store of `mode` over layout, carrying previous's sums (and buffers) where it can.
+    hot_norm: the optimizer's weak norm-target method, for the stores that take the norm while hot."""
     if mode == "flat_buffers":
         return FlatStore(name, layout, accum_dtype, previous)
     if mode == "accumulate_in_backward":
-        return BackwardHookStore(name, layout, previous)
+        return BackwardHookStore(name, layout, previous, hot_norm)
     # Where ranks communicate, the default mode hands its sums back for DDP's one all-reduce.
     return (HandBackStore if ranks_communicate() else AdoptingStore)(name, layout, previous)
 

@@ -127,6 +127,8 @@ wait $TESTS_PID
 # GPU_CHECK_BENCH_RESUME: an earlier run's bench.jsonl whose finished rows are kept, not re-measured.
 step bench "$BENCH_S" "$PY" -m benchmarks.run --device cuda --quick --cuda-graphs --no-progress --out "$WORK/bench" \
   --rows "$WORK/bench.jsonl" ${GPU_CHECK_BENCH_RESUME:+--resume "$GPU_CHECK_BENCH_RESUME"}
+# The backward hooks' norm while hot vs at the cycle's end (decides takes_norm_hot on CUDA): hot_norm.log.
+step hot_norm 90 "$PY" -m benchmarks.hot_norm --device cuda --reps 30
 
 # ---- the torch.compile CUDA tests with what the budget leaves
 COMPILE_ARGS=(-q -rfEs -p no:cacheprovider -k cuda --junitxml="$WORK/pytest_compile.xml")

@@ -40,10 +40,14 @@ def train(name, dtype, device, k, in_backward, check_freed=False):
     return model, norms
 
 
+@pytest.mark.parametrize("hot", ["policy", "always"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 3])
-def test_same_training_as_the_default_mode(device, name, dtype, k):
+def test_same_training_as_the_default_mode(device, name, dtype, k, hot, monkeypatch):
+    if hot == "always":  # the hot norm on every device and size (its policy enables it on CUDA only)
+        from gradfuse import backward_hook_store
+        monkeypatch.setattr(backward_hook_store, "takes_norm_hot", lambda device, numel: True)
     expected, expected_norms = train(name, dtype, device, k, False)
     got, norms = train(name, dtype, device, k, True, check_freed=True)
     for i, (p, q) in enumerate(zip(got.parameters(), expected.parameters())):
@@ -87,3 +91,69 @@ def test_peak_memory_of_an_open_cycle_is_lower(device_name):
     # flat_buffers=True: autograd adds into the flat gradient buffer in place, as torch's loop into .grad.
     assert peaks["gradfuse_flat"] <= peaks["gradfuse"] - 0.4 * param_bytes, peaks
     assert peaks["gradfuse_flat"] <= peaks["torch"] + 0.2 * param_bytes, peaks
+
+
+@pytest.fixture
+def norm_always_hot(monkeypatch):
+    """The hot path on every device and size (its policy enables it on CUDA only)."""
+    from gradfuse import backward_hook_store
+    monkeypatch.setattr(backward_hook_store, "takes_norm_hot", lambda device, numel: True)
+
+
+def _train_both_modes(step_fn, k=3, **kw):
+    """The same float64 training in the default mode and with accumulate_in_backward=True."""
+    results = []
+    for in_backward in (False, True):
+        g = torch.Generator().manual_seed(7)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        opt = FusedAccumSGD(model.parameters(), lr=0.1, momentum=0.9, accumulation_steps=k, max_grad_norm=0.3,
+                            track_param_norms=True, accumulate_in_backward=in_backward, **kw)
+        norms = step_fn(model, opt, g)
+        results.append(([p.detach().clone() for p in model.parameters()], norms, opt.last_param_norms.clone()))
+    (a, norms_a, pn_a), (b, norms_b, pn_b) = results
+    assert norms_a == pytest.approx(norms_b, rel=1e-13) and len(norms_a) > 0
+    torch.testing.assert_close(pn_a, pn_b, rtol=1e-13, atol=0)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-15)
+
+
+def test_hot_norm_with_two_backward_passes_in_the_last_micro_batch(norm_always_hot):
+    def run(model, opt, g):
+        norms = []
+        for t in range(9):
+            x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+            out = model(x).square().sum()
+            out.backward(retain_graph=True)
+            if t % 3 == 2:
+                (out * 0.5).backward()  # the same sums changed again after the hooks took their norm
+            opt.step()
+            opt.zero_grad()
+            if opt.micro_step == 0:
+                norms.append(float(opt.last_grad_norm))
+        return norms
+    _train_both_modes(run)
+
+
+def test_hot_norm_with_a_parameter_missing_from_the_last_micro_batch_and_k_raised_mid_cycle(norm_always_hot):
+    def run(model, opt, g):
+        norms = []
+        first = model[0]
+        for t in range(10):
+            x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+            if t % 3 == 2:  # the last micro-batch gives the first layer no gradient: its sum is normed at the end
+                with torch.no_grad():
+                    hidden = first(x)
+                model[2](model[1](hidden)).square().sum().backward()
+            else:
+                model(x).square().sum().backward()
+            if t == 8:  # after the hooks took the norm of what was to be the last micro-batch: one more
+                opt.accumulation_steps = 4
+            opt.step()
+            opt.zero_grad()
+            if opt.micro_step == 0:
+                norms.append(float(opt.last_grad_norm))
+        return norms
+    _train_both_modes(run)

@@ -1,0 +1,72 @@
+"""Fused while hot, measured: accumulate_in_backward=True with the cycle's norm taken by the backward
+hooks while each gradient is in cache, against the norm pass at the cycle's end, on real autograd
+(interleaved, same process): python -m benchmarks.hot_norm [--device cpu|cuda] [--reps N]. The
+result decides gradfuse.backward_hook_store.takes_norm_hot (docs/benchmarks.md)."""
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import gradfuse
+from gradfuse import backward_hook_store
+
+from . import machine
+
+CASES = ((1024, 8, 1), (1024, 8, 4), (4096, 4, 1), (256, 200, 1))  # (width, layers, K)
+
+
+def _timed_update(model, opt, x, k, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(k):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run(device, reps):
+    policy = backward_hook_store.takes_norm_hot
+    rows = []
+    for width, layers, k in CASES:
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).to(device)
+        opt = gradfuse.FusedAccumSGD(model.parameters(), lr=1e-4, momentum=0.9, accumulation_steps=k,
+                                     max_grad_norm=1.0, accumulate_in_backward=True)
+        x = torch.randn(4, width, device=device)
+        times = {"hot": [], "end": []}
+        try:
+            for _ in range(reps):
+                for mode in times:  # interleaved: both see the same machine state
+                    backward_hook_store.takes_norm_hot = (lambda d, n: True) if mode == "hot" else \
+                        (lambda d, n: False)
+                    times[mode].append(_timed_update(model, opt, x, k, device))
+        finally:
+            backward_hook_store.takes_norm_hot = policy
+        med = {mode: statistics.median(v[reps // 5:]) * 1e3 for mode, v in times.items()}
+        rows.append(dict(case=f"{layers} x Linear({width}) K={k}", hot_ms=med["hot"], end_ms=med["end"],
+                         end_over_hot=med["end"] / med["hot"]))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=40)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    info = machine.machine_info(device.type)
+    where = info.get("gpu_name") if device.type == "cuda" else f"{info['cpu_model']}, {info['torch_threads']} threads"
+    print(f"{where}, torch {info['torch']}: accumulate_in_backward=True, norm while hot vs at the cycle's end")
+    for row in run(device, args.reps):
+        print(f"  {row['case']}: hot {row['hot_ms']:.2f} ms, end {row['end_ms']:.2f} ms, "
+              f"end/hot {row['end_over_hot']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
