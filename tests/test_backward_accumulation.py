@@ -100,6 +100,13 @@ def norm_always_hot(monkeypatch):
     monkeypatch.setattr(backward_hook_store, "takes_norm_hot", lambda device, numel: True)
 
 
+def _step_recording_norm(opt, norms):
+    opt.step()
+    opt.zero_grad()
+    if opt.micro_step == 0:
+        norms.append(float(opt.last_grad_norm))
+
+
 def _train_both_modes(step_fn, k=3, **kw):
     """The same float64 training in the default mode and with accumulate_in_backward=True."""
     results = []
@@ -129,10 +136,7 @@ def test_hot_norm_with_two_backward_passes_in_the_last_micro_batch(norm_always_h
             out.backward(retain_graph=True)
             if t % 3 == 2:
                 (out * 0.5).backward()  # the same sums changed again after the hooks took their norm
-            opt.step()
-            opt.zero_grad()
-            if opt.micro_step == 0:
-                norms.append(float(opt.last_grad_norm))
+            _step_recording_norm(opt, norms)
         return norms
     _train_both_modes(run)
 
@@ -151,9 +155,6 @@ def test_hot_norm_with_a_parameter_missing_from_the_last_micro_batch_and_k_raise
                 model(x).square().sum().backward()
             if t == 8:  # after the hooks took the norm of what was to be the last micro-batch: one more
                 opt.accumulation_steps = 4
-            opt.step()
-            opt.zero_grad()
-            if opt.micro_step == 0:
-                norms.append(float(opt.last_grad_norm))
+            _step_recording_norm(opt, norms)
         return norms
     _train_both_modes(run)
