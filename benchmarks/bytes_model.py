@@ -14,6 +14,8 @@ element size (gradients arrive in the parameter dtype), A = accumulator element 
   acc, param, momentum and writes param, momentum (A + 4P).
   fp32 K=4: 0 + 3 * 12 + 20 = 56 B/param.
 * Boundary step alone = the last micro-batch: K = 1 as above; K > 1: (2A + G) + (A + 4P).
+* track_param_norms=True adds no bytes: each tensor's norm partial is taken from the values the
+  norm pass reads anyway (the step rows time it as gradfuse_param_norms against these bytes).
 
 The same model bytes are used for gradfuse and for the torch baselines (it is the work,
 not the implementation); `impl_bytes_*` give what each implementation really moves, for
