@@ -44,6 +44,15 @@ class AdoptingStore(SumStore):
             return [values[by_id[id(p)]] if id(p) in by_id else None for p in self.layout.sorted]
         self.sums, self.versions = carry(previous.sums), carry(previous.versions)
         self.owned = carry(previous.owned)
+        for b in self.layout.buckets:  # parameters cast or moved (model.double(), .to()): sums follow them
+            for k in b.slots:
+                like = self.layout.sorted[k]
+                if self.sums[k] is not None and (self.sums[k].dtype != b.acc_dtype or
+                                                 self.sums[k].device != local_tensor(like).device):
+                    self.sums[k] = self.sums[k].to(device=local_tensor(like).device, dtype=b.acc_dtype)
+                    self.versions[k] = None  # now our own copy
+                if self.owned[k] is not None and self.owned[k].dtype != b.acc_dtype:
+                    self.owned[k] = None
         self.live = [sum(a is not None for a in self.sums[b.start:b.stop]) for b in self.layout.buckets]
         self.had_gradient = previous.had_gradient
 

@@ -82,13 +82,17 @@ class BackwardHookStore(AdoptingStore):
             code = gradient_codes.ADOPT
         b, acc = self.layout.buckets[bucket_index], self.sums[k]
         norm_state, norm_type, per_slot = self._hot_norm_of(k, b)
+        acc_dtype = _sum_dtype(b.acc_dtype, grad.dtype)
+        if acc is not None and acc.dtype != acc_dtype:  # the parameter was cast (model.double()) mid-cycle
+            acc = self.sums[k] = acc.to(acc_dtype)
         if acc is None:
-            if code == gradient_codes.ADOPT and grad.dtype == b.acc_dtype:
+            if code == gradient_codes.ADOPT and grad.dtype == acc_dtype:
                 self.sums[k] = grad  # nobody else holds it any more
                 if norm_state is not None:
                     direct_ops.accumulate_norm_(norm_state, [grad], norm_type, per_slot)
             else:
-                self.sums[k] = self._owned_buffer(k, b)
+                own = self._owned_buffer(k, b)
+                self.sums[k] = own if own.dtype == acc_dtype else torch.empty_like(grad, dtype=acc_dtype)
                 direct_ops.accumulate_([self.sums[k]], [grad], 1.0, True, norm_state, norm_type, None, per_slot)
             self.live[bucket_index] += 1
         else:
@@ -159,6 +163,15 @@ class BackwardHookStore(AdoptingStore):
         raise RuntimeError(f"{self.name}: an optimizer with accumulate_in_backward=True cannot be copied or pickled "
                            f"(its backward hooks belong to the original parameters); save opt.state_dict() and "
                            f"load it into a new optimizer instead")
+
+
+def _sum_dtype(layout_dtype, grad_dtype):
+    """The layout's accumulator dtype where it can take the gradient, else the gradient's own (float32
+    for float16/bfloat16): a parameter cast after the layout was built (it is rebuilt at step())."""
+    halves = (torch.float16, torch.bfloat16)
+    if layout_dtype == grad_dtype or (layout_dtype == torch.float32 and grad_dtype in halves):
+        return layout_dtype
+    return torch.float32 if grad_dtype in halves else grad_dtype
 
 
 def _hook(owner, k, bucket_index):

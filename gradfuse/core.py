@@ -327,6 +327,8 @@ class FusedAccumOptimizer(Optimizer):
             return closure_loss
         if public_state.param_groups_changed(self):
             self._adopt_edited_param_groups()
+        elif self._layout.stale():  # parameters cast or moved after construction: their layout follows
+            self._adopt_edited_param_groups()
         for group in self.param_groups:
             self._check_group(group, check_tensor_lr=False)
         self._hyperparameters.note(self, self._name)

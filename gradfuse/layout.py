@@ -14,7 +14,8 @@ from .kernel_views import KernelView, kernel_dtype, needs_view
 class Bucket:
     """Slots [start, stop) of the sorted parameter list sharing group, device, dtype and norm
     domain (the key of Layout.domains whose process groups its norm partial is reduced over)."""
-    __slots__ = ("start", "stop", "group_index", "device", "acc_dtype", "adopts", "domain", "sharded", "viewed")
+    __slots__ = ("start", "stop", "group_index", "device", "acc_dtype", "adopts", "domain", "sharded", "viewed",
+                 "kernel_dtype")
 
     def __init__(self, start, group_index, device, acc_dtype, adopts, domain, sharded):
         self.start, self.stop = start, start + 1
@@ -55,6 +56,15 @@ class Layout:
         """Where the cycle's counters and the merged norm live: the first parameter's device."""
         return self.params[0].device if self.params else torch.device("cpu")
 
+    def stale(self):
+        """Whether parameters were cast or moved since the layout was built (model.double(), .to()):
+        each bucket's first parameter is compared (cheap: one per bucket)."""
+        for b in self.buckets:
+            p = self.sorted[b.start]
+            if p.device != b.device or kernel_dtype(p.dtype) != b.kernel_dtype:
+                return True
+        return False
+
     def describe(self, index):
         """'parameter i (param_groups[g]['params'][j])' for parameter index i (state_dict order)."""
         group = self.group_of[index]
@@ -93,6 +103,7 @@ def build_layout(param_groups, process_group, accum_dtype, name) -> Layout:
             p = params[i]
             acc_dtype = hp.accumulator_dtype(kernel_dtype(p.dtype), accum_dtype)
             buckets.append(Bucket(k, keys[i][0], p.device, acc_dtype, acc_dtype == p.dtype, keys[i][3], is_dtensor(p)))
+            buckets[-1].kernel_dtype = kernel_dtype(p.dtype)
         buckets[-1].stop = k + 1
     return Layout(params, [gi for gi, _ in entries], order, buckets, domains,
                   [list(g["params"]) for g in param_groups])

@@ -76,9 +76,11 @@ def _checked_value(opt, p, key, value, element_keys):
                              f"like the parameter, or reset the state with opt.state[p] = {{}}")
         local = local_tensor(value)
         if local.dtype != own.dtype or local.device != own.device:
-            raise ValueError(f"{where()} is {local.dtype} on {local.device}, but the parameter is {own.dtype} on "
-                             f"{own.device}; set a tensor like the parameter, or reset the state with "
-                             f"opt.state[p] = {{}}")
+            if value is not local or local.is_complex() != own.is_complex():
+                raise ValueError(f"{where()} is {local.dtype} on {local.device}, but the parameter is {own.dtype} on "
+                                 f"{own.device}; set a tensor like the parameter, or reset the state with "
+                                 f"opt.state[p] = {{}}")
+            return torch.empty_like(own).copy_(value)  # the parameter was cast or moved: its state follows, as loading does
         if value is local and local.numel() > 1 and local.stride() != _state_strides(own):
             return torch.empty_like(own).copy_(value)  # a copy the kernels sweep alongside the parameter
         return value

@@ -397,7 +397,7 @@ def resume_mid_cycle(rank, ranks, wrapper, via="state_dict"):
             raise AssertionError(f"{wrapper}: parameter {i} after a mid-cycle resume differs from the straight run")
 
 
-def entry(rank, ranks, store, scenario, args, backend="gloo"):
+def entry(rank, store, ranks, scenario, args, backend="gloo"):
     """torch.multiprocessing.spawn target: joins the process group (through the file store
     `store`, a file:// address), runs one scenario."""
     global DEVICE

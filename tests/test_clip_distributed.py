@@ -2,14 +2,13 @@
 is the global one (every element of the full gradients counted once) and the clipped shards are
 the single-process clipped gradients, for the 2- and inf-norm."""
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from spawn_ranks import spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -62,10 +61,9 @@ def fsdp2_clip(rank, max_norm, norm_type):
             raise AssertionError(f"rank {rank}: clipped gradient {i} is {err:.3e} off the single-process one")
 
 
-def entry(rank, port, max_norm):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def entry(rank, store, max_norm):
     torch.set_num_threads(1)  # two ranks share two cores
-    dist.init_process_group("gloo", rank=rank, world_size=RANKS)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=RANKS)
     try:
         for norm_type in (2.0, math.inf):  # one process group for both: spawning dominates the run time
             fsdp2_clip(rank, max_norm, norm_type)
@@ -74,12 +72,6 @@ def entry(rank, port, max_norm):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp2_clip_gives_the_global_norm():
     # max_norm below the norm, so the clipped shards test the global factor too
-    mp.spawn(entry, args=(free_port(), 1e-3), nprocs=RANKS, join=True)
+    spawn_ranks(entry, RANKS, 1e-3)

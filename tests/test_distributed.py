@@ -1,16 +1,12 @@
 """Multi-process training on gloo (CPU): DDP with and without no_sync, FSDP2 on 1-D and 2-D
 (HSDP) meshes in both gradient-sync modes, and manual sharding with process_group, each against
 a single-process float64 run of the full model (tests/distributed_workers.py)."""
-import os
-import signal
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import distributed_workers
+from spawn_ranks import spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -29,23 +25,11 @@ def backend(request):
 
 
 def spawn(ranks, scenario, *args, backend="gloo"):
-    """Runs the scenario on `ranks` processes. The ranks meet through a fresh file store (no port
-    that another process could take between choosing and binding it). A rank killed by SIGABRT
-    while the process group shuts down (gloo's "terminate called without an active exception",
-    seen once on a loaded CI machine) gets one more full run: a real failure repeats; an assertion
-    or an exception in a scenario is never retried."""
+    """Runs the scenario on `ranks` processes (tests/spawn_ranks.py: a file store, one more run after
+    gloo's shutdown SIGABRT)."""
     if backend == "nccl" and torch.cuda.device_count() < ranks:
         pytest.skip(f"needs {ranks} CUDA devices")
-    for attempt in range(2):
-        with tempfile.TemporaryDirectory() as folder:
-            store = "file://" + os.path.join(folder, "store")
-            try:
-                mp.spawn(distributed_workers.entry, args=(ranks, store, scenario, args, backend), nprocs=ranks,
-                         join=True)
-                return
-            except mp.ProcessExitedException as error:
-                if attempt == 1 or error.signal_name != signal.Signals.SIGABRT.name:
-                    raise
+    spawn_ranks(distributed_workers.entry, ranks, ranks, scenario, args, backend)
 
 
 @pytest.mark.parametrize("bucket_view", [False, True], ids=["grad_copy", "bucket_view"])

@@ -384,3 +384,36 @@ def test_frozen_parameters_are_accepted_in_backward_mode_like_torch():
     model(torch.randn(4, 3, dtype=F64)).sum().backward()
     opt.step()
     assert torch.equal(model[0].weight, frozen)
+
+
+@pytest.mark.parametrize("mode", ["default", "accumulate_in_backward"])
+@pytest.mark.parametrize("cast_at", [4, 5], ids=["between_cycles", "mid_cycle"])
+def test_model_cast_after_construction_trains_like_torch(mode, cast_at):
+    """model.double() after the optimizer was built: the layout, the running sums and the state follow
+    the parameters (torch keeps using its float32 momentum buffers: equal to float32 rounding)."""
+    def build():
+        torch.manual_seed(3)
+        return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+    ours, theirs = build(), build()
+    opt = FusedAccumSGD(ours.parameters(), lr=0.1, momentum=0.9, accumulation_steps=2, max_grad_norm=0.5,
+                        **({mode: True} if mode != "default" else {}))
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(3, 5, generator=g) for _ in range(12)]
+    for t, x in enumerate(batches):
+        if t == cast_at:
+            ours.double()
+            theirs.double()
+        ours(x.to(ours[0].weight.dtype)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        (theirs(x.to(theirs[0].weight.dtype)).square().sum() / 2).backward()
+        if t % 2 == 1:
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5)
+            ref.step()
+            ref.zero_grad()
+    assert all(p.dtype == torch.float64 for p in ours.parameters())
+    assert all(opt.state[p]["momentum_buffer"].dtype == torch.float64 for p in ours.parameters())
+    for i, (a, b) in enumerate(zip(ours.parameters(), theirs.parameters())):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6, msg=f"parameter {i}")
