@@ -386,7 +386,7 @@ def test_frozen_parameters_are_accepted_in_backward_mode_like_torch():
     assert torch.equal(model[0].weight, frozen)
 
 
-@pytest.mark.parametrize("mode", ["default", "accumulate_in_backward"])
+@pytest.mark.parametrize("mode", ["default", "accumulate_in_backward", "flat_buffers"])
 @pytest.mark.parametrize("cast_at", [4, 5], ids=["between_cycles", "mid_cycle"])
 def test_model_cast_after_construction_trains_like_torch(mode, cast_at):
     """model.double() after the optimizer was built: the layout, the running sums and the state follow
