@@ -10,6 +10,7 @@ import weakref
 import torch
 
 from . import direct_ops, gradient_codes
+from . import hyperparameters as hp
 from .adopting_store import AdoptingStore, scattered_partials, write_back_partials
 from .distributed_norm import is_dtensor
 
@@ -168,10 +169,10 @@ class BackwardHookStore(AdoptingStore):
 def _sum_dtype(layout_dtype, grad_dtype):
     """The layout's accumulator dtype where it can take the gradient, else the gradient's own (float32
     for float16/bfloat16): a parameter cast after the layout was built (it is rebuilt at step())."""
-    halves = (torch.float16, torch.bfloat16)
-    if layout_dtype == grad_dtype or (layout_dtype == torch.float32 and grad_dtype in halves):
-        return layout_dtype
-    return torch.float32 if grad_dtype in halves else grad_dtype
+    try:
+        return hp.accumulator_dtype(grad_dtype, layout_dtype)
+    except ValueError:
+        return hp.accumulator_dtype(grad_dtype, None)
 
 
 def _hook(owner, k, bucket_index):

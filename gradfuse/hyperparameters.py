@@ -12,14 +12,14 @@ OPTIMIZER_WIDE = ("accumulation_steps", "max_grad_norm", "norm_type", "skip_nonf
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _real_number(name, value):
+def real_number(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)
 
 
 def _non_negative(name, value, label):
-    number = _real_number(name, value)
+    number = real_number(name, value)
     if not number >= 0.0 or math.isinf(number):
         raise ValueError(f"Invalid {label} value: {value}")
     return number
@@ -40,7 +40,7 @@ def check_lr(lr, check_tensor_value=True):
         if check_tensor_value:  # reads the value: done at construction, not per step
             check_lr(lr.item())
         return
-    number = _real_number("lr", lr)
+    number = real_number("lr", lr)
     if not number >= 0.0 or math.isinf(number):
         raise ValueError(f"Invalid learning rate: {lr}")
 
@@ -58,7 +58,7 @@ def check_sgd_group(group, check_tensor_lr=True):
     check_lr(group["lr"], check_tensor_lr)
     momentum = _non_negative("momentum", group["momentum"], "momentum")
     _non_negative("weight_decay", group["weight_decay"], "weight_decay")
-    dampening = _real_number("dampening", group["dampening"])
+    dampening = real_number("dampening", group["dampening"])
     if not math.isfinite(dampening):
         raise ValueError(f"Invalid dampening value: {group['dampening']}")
     nesterov = check_flag("nesterov", group["nesterov"])
@@ -85,10 +85,10 @@ def check_adamw_group(group, check_tensor_lr=True):
             if not check_tensor_lr:
                 continue  # per step: the value was checked when the group was added
             beta = beta.item()
-        value = _real_number(f"betas[{index}]", beta)
+        value = real_number(f"betas[{index}]", beta)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
-    eps = _real_number("eps", group["eps"])
+    eps = real_number("eps", group["eps"])
     if not 0.0 < eps < math.inf:
         raise ValueError(f"Invalid epsilon value: {group['eps']} (must be > 0 and finite)")
     _non_negative("weight_decay", group["weight_decay"], "weight_decay")
@@ -107,7 +107,7 @@ def check_accumulation_steps(value):
 def check_max_grad_norm(value):
     if value is None:
         return None
-    number = _real_number("max_grad_norm", value)
+    number = real_number("max_grad_norm", value)
     if not number > 0.0:
         raise ValueError(f"max_grad_norm must be None (no clipping) or > 0, got {value}")
     return number
@@ -116,7 +116,7 @@ def check_max_grad_norm(value):
 def check_norm_type(value):
     if isinstance(value, str) and value.lower() == "inf":
         return math.inf
-    number = _real_number("norm_type", value)
+    number = real_number("norm_type", value)
     if number not in (2.0, math.inf):
         raise ValueError(f"norm_type must be 2.0 or inf (as in clip_grad_norm_), got {value}")
     return number

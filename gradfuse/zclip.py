@@ -6,6 +6,7 @@ and standalone (ZClip(...).clip_(parameters), in place of zclip's step(model))."
 import torch
 
 from . import clip as standalone_clip
+from . import hyperparameters as hp
 from .clip_policy import ClipPolicy, CLIP_EPSILON
 
 _MODES = ("zscore", "percentile")
@@ -13,9 +14,7 @@ _OPTIONS = ("adaptive_scaling", "mean")
 
 
 def _number(name, value, low=None, low_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"ZClip: {name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    value = hp.real_number(f"ZClip: {name}", value)
     if value != value or (low is not None and (value < low or (low_open and value == low))):
         raise ValueError(f"ZClip: invalid {name} value: {value}")
     return value
