@@ -1,5 +1,6 @@
 """Peak memory of an open accumulation cycle: torch's loop (autograd adds into .grad), gradfuse's
-default mode (accumulators + each micro-batch's .grad), accumulate_in_backward=True
+default mode (the running sums stay in .grad: autograd adds into them, as in torch's loop), the
+default with sum_in_grad=False (accumulators + each micro-batch's .grad), accumulate_in_backward=True
 (accumulators + about one layer's gradient) and flat_buffers=True (autograd adds into the flat
 gradient buffer, which exists from construction on, like a .grad that is never freed).
 
@@ -20,7 +21,7 @@ import resource
 import subprocess
 import sys
 
-MODES = ("torch", "gradfuse", "gradfuse_backward", "gradfuse_flat")
+MODES = ("torch", "gradfuse", "gradfuse_apart", "gradfuse_backward", "gradfuse_flat")
 
 
 def resident_bytes():
@@ -59,7 +60,7 @@ def measure_mode(mode, device, layers, width, k):
     else:
         opt = gradfuse.FusedAccumSGD(model.parameters(), lr=1e-3, accumulation_steps=k, max_grad_norm=1.0,
                                      accumulate_in_backward=mode == "gradfuse_backward",
-                                     flat_buffers=mode == "gradfuse_flat")
+                                     flat_buffers=mode == "gradfuse_flat", sum_in_grad=mode != "gradfuse_apart")
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -37,13 +37,13 @@ class FusedAccumAdamW(FusedAccumOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, accumulation_steps=1, max_grad_norm=None, norm_type=2.0, skip_nonfinite=True,
                  error_if_nonfinite=False, accum_dtype=None, process_group=None, accumulate_in_backward=False,
-                 flat_buffers=False, clip=None, skip=None, track_param_norms=False):
+                 flat_buffers=False, clip=None, skip=None, track_param_norms=False, sum_in_grad=True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, defaults, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
                          norm_type=norm_type, skip_nonfinite=skip_nonfinite, error_if_nonfinite=error_if_nonfinite,
                          accum_dtype=accum_dtype, process_group=process_group,
                          accumulate_in_backward=accumulate_in_backward, flat_buffers=flat_buffers, clip=clip,
-                         skip=skip, track_param_norms=track_param_norms)
+                         skip=skip, track_param_norms=track_param_norms, sum_in_grad=sum_in_grad)
 
     def _check_group(self, group, check_tensor_lr=True):
         hp.check_adamw_group(group, check_tensor_lr)

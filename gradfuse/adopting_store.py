@@ -282,7 +282,7 @@ class AdoptingStore(SumStore):
         return {k: views[k].saved(acc.clone()) if k in views else acc.clone()
                 for k, acc in enumerate(self.sums) if acc is not None}
 
-    def restore(self, sums, micro_step, resumes_at_last, handback_scale=None):
+    def restore(self, sums, micro_step, resumes_at_last, handback_scale=None, in_grad=False):
         self.end_cycle()
         for bi, b in enumerate(self.layout.buckets):
             for k in b.slots:

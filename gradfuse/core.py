@@ -53,8 +53,10 @@ class FusedAccumOptimizer(Optimizer):
 
     def __init__(self, params, defaults, *, accumulation_steps=1, max_grad_norm=None, norm_type=2.0,
                  skip_nonfinite=True, error_if_nonfinite=False, accum_dtype=None, process_group=None,
-                 accumulate_in_backward=False, flat_buffers=False, clip=None, skip=None, track_param_norms=False):
+                 accumulate_in_backward=False, flat_buffers=False, clip=None, skip=None, track_param_norms=False,
+                 sum_in_grad=True):
         self._init_private()
+        self.sum_in_grad = hp.check_flag("sum_in_grad", sum_in_grad)
         self.track_param_norms = hp.check_flag("track_param_norms", track_param_norms)
         self.accumulation_steps = hp.check_accumulation_steps(accumulation_steps)
         self.max_grad_norm = hp.check_max_grad_norm(max_grad_norm)
@@ -102,6 +104,7 @@ class FusedAccumOptimizer(Optimizer):
         self._last_verdict = None  # the last cycle's CycleVerdict (last_step_skipped reads it)
         self.last_param_norms: Optional[torch.Tensor] = None  # track_param_norms=True: per parameter, float64
         self.track_param_norms = False
+        self.sum_in_grad = True  # alone, the default mode keeps running sums in .grad (resident_store.py)
         self._micro_step = 0
         self._amp_cycle = False  # a GradScaler step took part in this cycle
         self._unused_norm: Dict[torch.device, torch.Tensor] = {}  # stands in when no norm is needed
@@ -247,7 +250,8 @@ class FusedAccumOptimizer(Optimizer):
         self._norms.track_slots(len(self._layout.sorted) if self.track_param_norms else None)
         self._state_reader.forget()
         if self._store is None:
-            self._store = stores.make("default", self._name, self._layout, self.accum_dtype)
+            self._store = stores.make("default", self._name, self._layout, self.accum_dtype,
+                                      sum_in_grad=self.sum_in_grad)
         else:
             self._store = self._store.relayout(self._layout)
 
@@ -307,7 +311,8 @@ class FusedAccumOptimizer(Optimizer):
         when the optimizer is collected); it then reads .grad at step() like the default mode."""
         if self._store.mode == "accumulate_in_backward":
             self._store.detach()
-            self._store = stores.make("default", self._name, self._layout, self.accum_dtype, self._store)
+            self._store = stores.make("default", self._name, self._layout, self.accum_dtype, self._store,
+                                      sum_in_grad=self.sum_in_grad)
 
     @torch.compiler.disable  # always eager: one documented graph break, the state lives in Python
     @torch.no_grad()
@@ -335,7 +340,7 @@ class FusedAccumOptimizer(Optimizer):
         amp_scale, found_inf = self._amp_inputs()
         boundary = self._micro_step + 1 == self.accumulation_steps
         if self._micro_step == 0:
-            self._store = stores.for_new_cycle(self._store, self.accum_dtype)
+            self._store = stores.for_new_cycle(self._store, self.accum_dtype, self.sum_in_grad)
         store = self._store
         store.refuse(amp_scale, found_inf, boundary, self._micro_step)
         gathered = store.gather(boundary, amp_scale)  # validated: nothing has changed so far
@@ -474,14 +479,15 @@ class FusedAccumOptimizer(Optimizer):
         """Reinstalls a saved cycle (state_io's or copying's 'gradfuse' entry): raw sums by parameter
         index, micro-step, counters; every tensor copied onto the first parameter's device."""
         self._end_cycle()
-        self._store = stores.for_new_cycle(self._store, self.accum_dtype)
+        self._store = stores.for_new_cycle(self._store, self.accum_dtype, self.sum_in_grad)
         primary = self._layout.primary_device
         slot_of = {i: k for k, i in enumerate(self._layout.order)}
         micro_step = extra.get("micro_step", 0)
         scale = extra.get("handback_scale")
         resumes_at_last = micro_step > 0 and micro_step + 1 == self.accumulation_steps
         is_open = self._store.restore({slot_of[i]: saved for i, saved in extra.get("accumulators", {}).items()},
-                                      micro_step, resumes_at_last, None if scale is None else scale.to(primary).clone())
+                                      micro_step, resumes_at_last, None if scale is None else scale.to(primary).clone(),
+                                      extra.get("sums_in_grad", False))
         self._micro_step = micro_step if is_open else 0
         loss_sum = extra.get("loss_sum")
         self._loss_sum = None if loss_sum is None or not is_open else loss_sum.to(primary).clone()

@@ -195,7 +195,7 @@ class FlatStore(SumStore):
         return {k: view.clone() for k, view in enumerate(self.grad_views)} if micro_step > 0 else {}
 
     @torch.no_grad()
-    def restore(self, sums, micro_step, resumes_at_last, handback_scale=None):
+    def restore(self, sums, micro_step, resumes_at_last, handback_scale=None, in_grad=False):
         self.zero_grad(True, 0)
         for k, total in sums.items():
             self.grad_views[k].copy_(total)

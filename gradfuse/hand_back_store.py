@@ -147,7 +147,7 @@ class HandBackStore(AdoptingStore):
                     saved[k] = self.sums[k] * inverse.to(self.sums[k].device)
         return saved
 
-    def restore(self, sums, micro_step, resumes_at_last, handback_scale=None):
+    def restore(self, sums, micro_step, resumes_at_last, handback_scale=None, in_grad=False):
         is_open = super().restore(sums, micro_step, resumes_at_last)
         if is_open and micro_step > 0 and resumes_at_last:
             self._hand_back(handback_scale)  # as the saving run did after this micro-step

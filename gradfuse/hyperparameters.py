@@ -8,7 +8,7 @@ import torch
 # Hyperparameters that apply to the whole optimizer (the global norm spans every group).
 OPTIMIZER_WIDE = ("accumulation_steps", "max_grad_norm", "norm_type", "skip_nonfinite", "error_if_nonfinite",
                   "accum_dtype", "process_group", "accumulate_in_backward", "flat_buffers", "clip", "skip",
-                  "track_param_norms")
+                  "track_param_norms", "sum_in_grad")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 

@@ -24,6 +24,7 @@ def export_state(opt, state_dict):
         "micro_step": opt.micro_step,
         "accumulators": opt._saved_sums(),
         "handback_scale": None if opt._store.handback_scale is None else opt._store.handback_scale.clone(),
+        "sums_in_grad": opt._store.sums_in_grad(),
         "skipped_steps": opt.skipped_steps.clone(),
         "last_grad_norm": None if opt.last_grad_norm is None else opt.last_grad_norm.clone(),
         "policies": opt._policy_states(),
@@ -206,6 +207,8 @@ def _validate(opt, state_dict):
     scale = extra.get("handback_scale")
     if scale is not None and (not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.is_floating_point()):
         _fail("handback_scale must be None or GradScaler's 1-element floating-point scale")
+    if not isinstance(extra.get("sums_in_grad", False), bool):
+        _fail("sums_in_grad must be a bool")
     _validate_policies(opt, extra.get("policies") or {})
 
 

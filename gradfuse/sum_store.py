@@ -66,9 +66,14 @@ class SumStore:
         """Raw (unscaled) running sums by slot, as copies, as a checkpoint stores them."""
         raise NotImplementedError
 
-    def restore(self, sums, micro_step, resumes_at_last, handback_scale=None) -> bool:
-        """Reinstalls saved sums (by slot); returns whether the cycle is open (some slot exists)."""
+    def restore(self, sums, micro_step, resumes_at_last, handback_scale=None, in_grad=False) -> bool:
+        """Reinstalls saved sums (by slot); returns whether the cycle is open (some slot exists).
+        in_grad: the saving store kept its sums as .grad (sums_in_grad), which a store that can does again."""
         raise NotImplementedError
+
+    def sums_in_grad(self) -> bool:
+        """Whether the open cycle's running sums are kept as the parameters' .grad (checkpoints record it)."""
+        return False
 
     def check_finish_early(self):
         """finish_cycle(): raises where this mode cannot end a cycle early."""

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 accelerate = pytest.importorskip("accelerate")
 
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-from gradfuse import FusedAccumSGD, PerCycle  # noqa: E402
+from gradfuse import FusedAccumSGD, resident_store, PerCycle  # noqa: E402
 from problems import BATCH, BATCHES, make_client_problem as make_problem  # noqa: E402
 from problems import CLIENT_OPT as OPT  # noqa: E402
 from tolerances import assert_bitwise  # noqa: E402
@@ -75,6 +75,19 @@ def test_accelerate_matches_plain_loop(gen, k):
     assert opt.micro_step == ref_opt.micro_step == BATCHES % k
     assert float(ref_opt.last_grad_norm) > OPT["max_grad_norm"], "clipping was meant to be active"
     assert not torch.equal(model[0].weight, net[0].weight), "training did not move the weights"
+
+
+@pytest.mark.parametrize("clip_val", [None, 0.3])
+def test_accelerate_with_sums_in_grad(gen, monkeypatch, clip_val):
+    # Every tensor keeps its running sum in .grad; accelerator.clip_grad_norm_ at every micro-batch,
+    # seen at the first, keeps the sums apart. Bitwise sum_in_grad=False.
+    monkeypatch.setattr(resident_store, "RESIDENT_MIN_ELEMENTS", 0)
+    net, data = make_problem(gen)
+    kwargs = dict(OPT, accumulation_steps=3)
+    model, opt = train(net, data, kwargs, clip_val=clip_val)
+    apart, _ = train(net, data, dict(kwargs, sum_in_grad=False), clip_val=clip_val)
+    assert_same_params(model, apart, f"sum_in_grad, clip_grad_norm_={clip_val}")
+    assert opt._store.apart == (clip_val is not None)
 
 
 def test_accelerate_flat_buffers_matches_plain_loop_and_default_mode(gen):

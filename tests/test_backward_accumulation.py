@@ -85,11 +85,13 @@ def test_peak_memory_of_an_open_cycle_is_lower(device_name):
     from benchmarks.peak_memory import run_all
     peaks = run_all(device_name, 8, 2048, 4)
     param_bytes = 8 * 2048 * 2048 * 4
-    # Default: accumulators + every .grad of the last micro-batch; in backward: + about one layer's.
-    assert peaks["gradfuse_backward"] <= peaks["gradfuse"] - 0.4 * param_bytes, peaks
+    # Default: the sums stay in .grad, autograd adds into them: torch's own peak (within 5%).
+    assert peaks["gradfuse"] <= peaks["torch"] + 0.05 * param_bytes, peaks
+    # sum_in_grad=False: accumulators + every .grad of the last micro-batch; in backward: + about one layer's.
+    assert peaks["gradfuse_backward"] <= peaks["gradfuse_apart"] - 0.4 * param_bytes, peaks
     assert peaks["gradfuse_backward"] <= peaks["torch"] + 0.2 * param_bytes, peaks
     # flat_buffers=True: autograd adds into the flat gradient buffer in place, as torch's loop into .grad.
-    assert peaks["gradfuse_flat"] <= peaks["gradfuse"] - 0.4 * param_bytes, peaks
+    assert peaks["gradfuse_flat"] <= peaks["gradfuse_apart"] - 0.4 * param_bytes, peaks
     assert peaks["gradfuse_flat"] <= peaks["torch"] + 0.2 * param_bytes, peaks
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 L = pytest.importorskip("lightning")
 
-from gradfuse import FusedAccumSGD, PerCycle  # noqa: E402
+from gradfuse import FusedAccumSGD, PerCycle, resident_store  # noqa: E402
 from problems import BATCH, BATCHES, make_client_problem as make_problem  # noqa: E402
 from problems import CLIENT_OPT as OPT  # noqa: E402
 from tolerances import assert_bitwise  # noqa: E402
@@ -149,6 +149,20 @@ def test_lightning_gradient_clip_val_with_k_above_1_clips_each_micro_batch(gen):
     module, _ = fit(net, data, kwargs, gradient_clip_val=0.3)
     ref, _ = plain_loop(net, data, kwargs, clip_val=0.3)
     assert_same_params(module.net, ref, "gradient_clip_val with K=3")
+
+
+@pytest.mark.parametrize("clip_val", [None, 0.3])
+def test_lightning_with_sums_in_grad(gen, monkeypatch, clip_val):
+    # Every tensor keeps its running sum in .grad: Lightning's zero_grad (before each closure) leaves
+    # it; its clip, seen at the first micro-batch, keeps the sums apart. Bitwise sum_in_grad=False.
+    monkeypatch.setattr(resident_store, "RESIDENT_MIN_ELEMENTS", 0)
+    net, data = make_problem(gen)
+    kwargs = dict(OPT, accumulation_steps=3)
+    clip = {} if clip_val is None else dict(gradient_clip_val=clip_val)
+    module, _ = fit(net, data, kwargs, **clip)
+    apart, _ = fit(net, data, dict(kwargs, sum_in_grad=False), **clip)
+    assert_same_params(module.net, apart.net, f"sum_in_grad, gradient_clip_val={clip_val}")
+    assert module.opt._store.apart == (clip_val is not None)
 
 
 def test_lightning_ddp_gradient_clip_val_with_k_above_1_raises(gen):
