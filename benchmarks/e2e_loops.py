@@ -2,6 +2,7 @@
 
   gradfuse           FusedAccumSGD(accumulation_steps=K, max_grad_norm=1.0, momentum=0.9):
                      loss.backward(); opt.step(); opt.zero_grad()  after every micro-batch
+  gradfuse_apart     the same with sum_in_grad=False (each micro-batch's .grad apart from the sums)
   gradfuse_flat      the same with flat_buffers=True
   gradfuse_backward  the same with accumulate_in_backward=True
   torch_fused        (loss / K).backward() after every micro-batch (autograd adds into .grad), then
@@ -21,7 +22,7 @@ import gradfuse
 from .cases import LR, MAX_NORM, MOMENTUM
 from .e2e_models import loss_of
 
-GRADFUSE_OPTIONS = {"gradfuse": {}, "gradfuse_flat": {"flat_buffers": True},
+GRADFUSE_OPTIONS = {"gradfuse": {}, "gradfuse_apart": {"sum_in_grad": False}, "gradfuse_flat": {"flat_buffers": True},
                     "gradfuse_backward": {"accumulate_in_backward": True}}
 TORCH_OPTIONS = {"torch_fused": {"fused": True}, "torch_foreach": {"foreach": True}}
 MODES = tuple(GRADFUSE_OPTIONS) + tuple(TORCH_OPTIONS)

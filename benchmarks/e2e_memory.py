@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-PROCESS_MODES = ("torch", "gradfuse", "gradfuse_flat", "gradfuse_backward")
+PROCESS_MODES = ("torch", "gradfuse", "gradfuse_apart", "gradfuse_flat", "gradfuse_backward")
 
 
 def _peak_one(name, K, mode, quick, device):
