@@ -5,11 +5,9 @@ cycle holds the sums plus about one layer's gradient instead of the sums plus ev
 after the hooks were registered). Fused while hot (where takes_norm_hot says it pays): during a
 cycle's last micro-batch the hook's add also takes the norm partial of the final sum, on the gradient
 still in cache, so the cycle's end is the update pass plus a norm pass over the other sums only."""
-import weakref
-
 import torch
 
-from . import direct_ops, gradient_codes
+from . import direct_ops, gradient_codes, param_hooks
 from . import hyperparameters as hp
 from .adopting_store import AdoptingStore, scattered_partials, write_back_partials
 from .distributed_norm import is_dtensor
@@ -47,20 +45,16 @@ class BackwardHookStore(AdoptingStore):
         # A normed sum changed again (or the layout changed after hot adds): the end takes the whole norm.
         self.norm_spoiled = isinstance(previous, BackwardHookStore) and (previous.norm_spoiled
                                                                          or bool(previous.normed))
-        self.handles = []
-        weakref.finalize(self, _remove_all, self.handles)
-        owner = weakref.ref(self)
-        for bi, b in enumerate(layout.buckets):
-            for k in b.slots:
-                if layout.sorted[k].requires_grad:  # torch accepts frozen parameters; autograd gives them none
-                    self.handles.append(layout.sorted[k].register_post_accumulate_grad_hook(_hook(owner, k, bi)))
+        # torch accepts frozen parameters; autograd gives them no gradient, so they get no hook
+        self.handles = param_hooks.register(self, [(layout.sorted[k], (k, bi)) for bi, b in enumerate(layout.buckets)
+                                                   for k in b.slots if layout.sorted[k].requires_grad], "add_from_hook")
 
     def relayout(self, layout):
         self.detach()  # hooks know their slot: new layout, new hooks
         return BackwardHookStore(self.name, layout, self)
 
     def detach(self):
-        _remove_all(self.handles)
+        param_hooks.remove_all(self.handles)
 
     @torch.no_grad()
     def add_from_hook(self, k, bucket_index, param):
@@ -173,17 +167,3 @@ def _sum_dtype(layout_dtype, grad_dtype):
         return hp.accumulator_dtype(grad_dtype, layout_dtype)
     except ValueError:
         return hp.accumulator_dtype(grad_dtype, None)
-
-
-def _hook(owner, k, bucket_index):
-    def hook(param):
-        store = owner()
-        if store is not None:
-            store.add_from_hook(k, bucket_index, param)
-    return hook
-
-
-def _remove_all(handles):
-    for handle in handles:
-        handle.remove()
-    handles.clear()

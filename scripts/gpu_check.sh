@@ -129,6 +129,8 @@ step bench "$BENCH_S" "$PY" -m benchmarks.run --device cuda --quick --cuda-graph
   --rows "$WORK/bench.jsonl" ${GPU_CHECK_BENCH_RESUME:+--resume "$GPU_CHECK_BENCH_RESUME"}
 # The backward hooks' norm while hot vs at the cycle's end (decides takes_norm_hot on CUDA): hot_norm.log.
 step hot_norm 90 "$PY" -m benchmarks.hot_norm --device cuda --reps 30
+# Running sums in .grad vs apart per tensor size (sets RESIDENT_MIN_ELEMENTS): resident_threshold.log.
+step resident_threshold 60 "$PY" -m benchmarks.resident_threshold --device cuda --reps 15
 
 # ---- the torch.compile CUDA tests with what the budget leaves
 COMPILE_ARGS=(-q -rfEs -p no:cacheprovider -k cuda --junitxml="$WORK/pytest_compile.xml")

@@ -20,14 +20,14 @@ def every_tensor(monkeypatch):
     monkeypatch.setattr(resident_store, "RESIDENT_MIN_ELEMENTS", 0)
 
 
-def make_model(dtype, seed=0):
+def make_model(dtype, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(9, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(9, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(device, dtype)
 
 
-def batches(n, dtype, seed=1):
+def batches(n, dtype, seed=1, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(5, 9, generator=gen, dtype=torch.float64).to(dtype) for _ in range(n)]
+    return [torch.randn(5, 9, generator=gen, dtype=torch.float64).to(device, dtype) for _ in range(n)]
 
 
 def loss_of(model, x):
@@ -38,10 +38,10 @@ def clip_each(model):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
 
 
-def gradfuse_run(dtype, rule="sgd", edit=None, n=4 * K, **kwargs):
-    model = make_model(dtype)
+def gradfuse_run(dtype, rule="sgd", edit=None, n=4 * K, device="cpu", **kwargs):
+    model = make_model(dtype, device=device)
     opt = make_opt(model, rule, **kwargs)
-    for x in batches(n, dtype):
+    for x in batches(n, dtype, device=device):
         loss_of(model, x).backward()
         if edit is not None:
             edit(model, opt)
@@ -93,20 +93,20 @@ def assert_bitwise(a, b):
 
 @pytest.mark.parametrize("rule", ["sgd", "adamw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_trains_like_torch_and_bitwise_like_sums_apart(every_tensor, dtype, rule):
-    model, opt = gradfuse_run(dtype, rule)
+def test_trains_like_torch_and_bitwise_like_sums_apart(every_tensor, device, dtype, rule):
+    model, opt = gradfuse_run(dtype, rule, device=device)
     assert type(opt._store) is resident_store.ResidentSumStore and not opt._store.apart
     expected = torch_run(dtype, rule)
     for p, q in zip(params_of(model), params_of(expected)):
-        assert_close(p, q.to(dtype), dtype, "after 4 cycles")
-    apart, _ = gradfuse_run(dtype, rule, sum_in_grad=False)
+        assert_close(p.cpu(), q.to(dtype), dtype, "after 4 cycles")
+    apart, _ = gradfuse_run(dtype, rule, device=device, sum_in_grad=False)
     assert_bitwise(model, apart)
 
 
-def test_grad_holds_the_running_sum_between_micro_batches(every_tensor):
-    model = make_model(torch.float32)
+def test_grad_holds_the_running_sum_between_micro_batches(every_tensor, device):
+    model = make_model(torch.float32, device=device)
     opt = make_opt(model, "sgd")
-    xs = batches(K, torch.float32)
+    xs = batches(K, torch.float32, device=device)
     loss_of(model, xs[0]).backward()
     first = [p.grad.clone() for p in model.parameters()]
     opt.step()
