@@ -10,7 +10,7 @@ from torch import nn
 import harness
 import reference as ref
 from data import DTYPES, EDGE_SHAPES, SMALL_SHAPES, generator, randn
-from gradfuse import FusedAccumSGD
+from gradfuse import FusedAccumSGD, resident_store
 from problems import batches, make_model
 from tolerances import assert_bitwise, assert_close, assert_scalar_close
 
@@ -489,7 +489,14 @@ def test_norm_type_inf_string_accepted():
     assert FusedAccumSGD([torch.zeros(3)], norm_type="inf").norm_type == math.inf
 
 
-def test_adopted_gradient_zeroed_in_place_is_reported_before_the_update(device):
+@pytest.fixture
+def small_tensors_apart(monkeypatch):
+    """These tests describe the sums of small tensors, which stay apart from .grad (not in .grad, even
+    when the suite runs with GRADFUSE_TEST_RESIDENT_MIN_ELEMENTS=0)."""
+    monkeypatch.setattr(resident_store, "RESIDENT_MIN_ELEMENTS", 1 << 16)
+
+
+def test_adopted_gradient_zeroed_in_place_is_reported_before_the_update(device, small_tensors_apart):
     """module.zero_grad(set_to_none=False) would zero the gradient FusedAccumSGD adopted as its
     accumulator: the last micro-step must say so and leave the parameters alone."""
     model = make_model(9, F32, device)
@@ -526,7 +533,7 @@ def test_one_gradient_tensor_shared_by_two_parameters(device, gen, k):
             assert_close(p, model.params[i], F32, msg=f"param {i}")
 
 
-def test_zero_grad_sets_every_gradient_to_none(device, gen):
+def test_zero_grad_sets_every_gradient_to_none(device, gen, small_tensors_apart):
     # Native loop over every group (including one added later); the gradient tensors themselves
     # are left as they are (one may be this cycle's accumulator).
     a, b, c = (nn.Parameter(randn((4,), F32, device, gen)) for _ in range(3))
@@ -544,9 +551,9 @@ def test_zero_grad_sets_every_gradient_to_none(device, gen):
     assert all(p.grad is None for p in (a, b, c))
 
 
-def test_single_process_keeps_the_accumulators_to_itself(device, gen):
-    # Alone, the last micro-batch goes through the fused accumulate + norm pass: nothing is handed
-    # back as .grad (tests/test_distributed.py covers the hand-back DDP needs).
+def test_single_process_keeps_the_accumulators_to_itself(device, gen, small_tensors_apart):
+    # Alone, small tensors' sums stay apart: nothing is handed back as .grad (tests/test_distributed.py
+    # covers the hand-back DDP needs, tests/test_resident_sums.py the sums kept in .grad).
     a = nn.Parameter(randn((4,), F32, device, gen))
     opt = FusedAccumSGD([a], lr=0.1, accumulation_steps=3)
     for _ in range(2):
