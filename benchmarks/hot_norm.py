@@ -4,7 +4,6 @@ hooks while each gradient is in cache, against the norm pass at the cycle's end,
 result decides gradfuse.backward_hook_store.takes_norm_hot (docs/benchmarks.md)."""
 import argparse
 import statistics
-import time
 
 import torch
 from torch import nn
@@ -12,22 +11,9 @@ from torch import nn
 import gradfuse
 from gradfuse import backward_hook_store
 
-from . import machine
+from .training_update import header, timed_update
 
 CASES = ((1024, 8, 1), (1024, 8, 4), (4096, 4, 1), (256, 200, 1))  # (width, layers, K)
-
-
-def _timed_update(model, opt, x, k, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(k):
-        model(x).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def run(device, reps):
@@ -45,7 +31,7 @@ def run(device, reps):
                 for mode in times:  # interleaved: both see the same machine state
                     backward_hook_store.takes_norm_hot = (lambda d, n: True) if mode == "hot" else \
                         (lambda d, n: False)
-                    times[mode].append(_timed_update(model, opt, x, k, device))
+                    times[mode].append(timed_update(model, opt, x, k, device))
         finally:
             backward_hook_store.takes_norm_hot = policy
         med = {mode: statistics.median(v[reps // 5:]) * 1e3 for mode, v in times.items()}
@@ -60,9 +46,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=40)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    info = machine.machine_info(device.type)
-    where = info.get("gpu_name") if device.type == "cuda" else f"{info['cpu_model']}, {info['torch_threads']} threads"
-    print(f"{where}, torch {info['torch']}: accumulate_in_backward=True, norm while hot vs at the cycle's end")
+    print(header(device, "accumulate_in_backward=True, norm while hot vs at the cycle's end"))
     for row in run(device, args.reps):
         print(f"  {row['case']}: hot {row['hot_ms']:.2f} ms, end {row['end_ms']:.2f} ms, "
               f"end/hot {row['end_over_hot']:.3f}")

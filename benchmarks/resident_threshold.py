@@ -5,7 +5,6 @@ python -m benchmarks.resident_threshold [--device cpu|cuda] [--reps N]. The resu
 gradfuse.resident_store.RESIDENT_MIN_ELEMENTS (docs/semantics.md)."""
 import argparse
 import statistics
-import time
 
 import torch
 from torch import nn
@@ -13,7 +12,7 @@ from torch import nn
 import gradfuse
 from gradfuse import resident_store
 
-from . import machine
+from .training_update import header, timed_update
 
 CASES = ((16, 1000), (256, 200), (1024, 16))  # (width, layers): 256, 64K and 1M-element weights
 K = 4
@@ -27,19 +26,6 @@ def _optimizer(model, threshold):
                                       max_grad_norm=1.0)
     finally:
         resident_store.RESIDENT_MIN_ELEMENTS = saved
-
-
-def _timed_update(model, opt, x, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(K):
-        model(x).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def run(device, reps):
@@ -56,7 +42,7 @@ def run(device, reps):
         times = {side: [] for side in sides}
         for _ in range(reps):
             for side, (model, opt) in sides.items():  # interleaved: both see the same machine state
-                times[side].append(_timed_update(model, opt, x, device))
+                times[side].append(timed_update(model, opt, x, K, device))
         med = {side: statistics.median(v[reps // 5:]) * 1e3 for side, v in times.items()}
         tensors = 2 * layers
         rows.append(dict(case=f"{layers} x Linear({width}) K={K}", in_grad_ms=med["in_grad"], apart_ms=med["apart"],
@@ -70,9 +56,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    info = machine.machine_info(device.type)
-    where = info.get("gpu_name") if device.type == "cuda" else f"{info['cpu_model']}, {info['torch_threads']} threads"
-    print(f"{where}, torch {info['torch']}: every sum in .grad vs every sum apart, ms per update")
+    print(header(device, "every sum in .grad vs every sum apart, ms per update"))
     for row in run(device, args.reps):
         print(f"  {row['case']}: in .grad {row['in_grad_ms']:.2f} ms, apart {row['apart_ms']:.2f} ms, "
               f"{row['us_per_tensor_micro_batch']:+.2f} us per tensor per micro-batch")

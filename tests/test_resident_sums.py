@@ -165,8 +165,8 @@ def test_an_edit_of_a_resident_sum_raises_before_anything_changes(every_tensor):
         assert torch.equal(p, before) and torch.equal(opt.state[p]["momentum_buffer"], buffer)
 
 
-@pytest.mark.parametrize("how", ["module_zero_grad", "assign", "set_none"])
-def test_grad_replaced_after_the_backward_raises(every_tensor, how):
+def second_backward_done():
+    """A cycle's first micro-batch stepped (its sum now .grad), the second one's backward done, no step()."""
     model = make_model(torch.float64)
     opt = make_opt(model, "sgd")
     xs = batches(2, torch.float64)
@@ -174,6 +174,12 @@ def test_grad_replaced_after_the_backward_raises(every_tensor, how):
     opt.step()
     opt.zero_grad()
     loss_of(model, xs[1]).backward()
+    return model, opt
+
+
+@pytest.mark.parametrize("how", ["module_zero_grad", "assign", "set_none"])
+def test_grad_replaced_after_the_backward_raises(every_tensor, how):
+    model, opt = second_backward_done()
     for p in model.parameters():
         if how == "module_zero_grad":
             model.zero_grad()
@@ -186,13 +192,7 @@ def test_grad_replaced_after_the_backward_raises(every_tensor, how):
 
 
 def test_discarding_a_backward_with_zero_grad_raises_while_sums_are_in_grad(every_tensor):
-    model = make_model(torch.float64)
-    opt = make_opt(model, "sgd")
-    xs = batches(2, torch.float64)
-    loss_of(model, xs[0]).backward()
-    opt.step()
-    opt.zero_grad()
-    loss_of(model, xs[1]).backward()
+    model, opt = second_backward_done()
     with pytest.raises(RuntimeError, match="zero_grad\\(\\) cannot discard it"):
         opt.zero_grad()
     for step in (opt.state_dict, lambda: copy.deepcopy(opt), opt.finish_cycle):
