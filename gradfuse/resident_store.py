@@ -38,10 +38,10 @@ class ResidentSumStore(AdoptingStore):
         self.out_of_place = set()  # slots whose .grad a create_graph backward rebuilt
         self.apart = isinstance(previous, ResidentSumStore) and previous.apart  # a change of .grad was seen
         self.orphans = {}  # slot -> a resident sum that a cast left behind in .grad
-        super().__init__(name, layout, previous)
         self.watched = [k for b in layout.buckets if b.adopts and not b.sharded for k in b.slots
                         if k not in layout.views and layout.sorted[k].requires_grad
                         and layout.sorted[k].numel() >= RESIDENT_MIN_ELEMENTS]
+        super().__init__(name, layout, previous)
         self.handles = param_hooks.register(self, [(layout.sorted[k], (k,)) for k in self.watched], "autograd_left")
 
     def _carry(self, previous):
@@ -49,14 +49,17 @@ class ResidentSumStore(AdoptingStore):
         if not isinstance(previous, ResidentSumStore):
             return
         by_id = {id(p): k for k, p in enumerate(previous.layout.sorted)}
+        watched = set(self.watched)
         for k, p in enumerate(self.layout.sorted):
             j = by_id.get(id(p))
             if j is None or previous.resident[j] is None:
                 continue
-            if self.sums[k] is previous.sums[j]:
-                self.resident[k], self.adds[k] = previous.resident[j], previous.adds[j]
-            else:  # converted here, not by the cast of the module (which keeps the .grad object)
+            if self.sums[k] is not previous.sums[j]:  # converted here, not by the module's cast (same .grad object)
                 self.orphans[k] = previous.sums[j]
+            elif k in watched:
+                self.resident[k], self.adds[k] = previous.resident[j], previous.adds[j]
+            elif p.grad is self.sums[k]:  # no longer watched (frozen, regrouped): its sum leaves .grad, kept apart
+                p.grad = None
 
     def relayout(self, layout):
         param_hooks.remove_all(self.handles)  # hooks know their slot: new layout, new hooks

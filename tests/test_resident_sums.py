@@ -331,3 +331,27 @@ def test_sum_in_grad_is_checked_shown_and_copied():
     assert "sum_in_grad: False" in repr(opt)
     twin = copy.deepcopy(opt)
     assert twin.sum_in_grad is False and type(twin._store) is type(opt._store)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_param_groups_edited_mid_cycle(every_tensor, freeze):
+    """A group added mid-cycle rebuilds the store: sums in .grad stay there; a parameter frozen by
+    then is no longer watched, so its sum leaves .grad and is kept apart (nothing added twice)."""
+    def run(sum_in_grad):
+        model = make_model(torch.float64)
+        extra = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+        opt = make_opt(model, "sgd", sum_in_grad=sum_in_grad)
+        for i, x in enumerate(batches(3 * K, torch.float64)):
+            if i == K + 1:
+                if freeze:
+                    model[0].weight.requires_grad_(False)
+                opt.add_param_group(dict(params=[extra], lr=0.05))
+            (loss_of(model, x) + (extra * x.sum()).sum()).backward()
+            opt.step()
+            opt.zero_grad()
+        return model, extra, opt
+    model, extra, opt = run(True)
+    apart, extra_apart, _ = run(False)
+    assert_bitwise(model, apart)
+    assert torch.equal(extra, extra_apart)
+    assert opt._store.watched and not opt._store.apart
