@@ -258,8 +258,9 @@ class FusedAccumOptimizer(Optimizer):
     # ------------------------------------------------------------------ gradients
     @torch.compiler.disable  # native loops over .grad: eager, like step()
     def zero_grad(self, set_to_none: bool = True):
-        """As Optimizer.zero_grad; a gradient adopted as this cycle's running sum is replaced by a
-        fresh zero tensor instead of being zeroed in place (set_to_none=False). With
+        """As Optimizer.zero_grad, but a running sum kept as .grad (sum_in_grad, mid-cycle) stays, and a
+        gradient adopted as a running sum apart is replaced by a fresh zero tensor instead of being
+        zeroed in place (set_to_none=False). With
         flat_buffers=True the flat gradient buffers are zeroed in place when a cycle starts
         (micro_step == 0) and kept mid-cycle (.grad holds the running sum); either way every .grad
         is bound to its view again (after a module.zero_grad())."""
