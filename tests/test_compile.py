@@ -8,7 +8,7 @@ import torch._dynamo
 from torch import nn
 from torch._dynamo.utils import counters
 
-from gradfuse import FusedAccumSGD
+from gradfuse import FusedAccumSGD, resident_store
 
 F64 = torch.float64
 K, CYCLES = 3, 3
@@ -88,6 +88,25 @@ def test_compiled_training_step_with_backward_step_and_zero_grad(device, backend
         opt.zero_grad()
         return loss
     run_and_check(device, train_step, model, opt)
+
+
+def test_compiled_autograd_with_sums_in_grad(device, monkeypatch):
+    # Compiled autograd traces AccumulateGrad and the post-accumulate-grad hooks: the running sums
+    # kept in .grad still take each micro-batch in place, counted by the hooks, as in eager.
+    monkeypatch.setattr(resident_store, "RESIDENT_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(torch._dynamo.config, "compiled_autograd", True)
+    model = make_model(device)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = FusedAccumSGD(model.parameters(), **HYPER)
+
+    def train_one(x):
+        compiled(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if opt.micro_step:
+            assert all(p.grad is not None for p in model.parameters()), "the running sums left .grad"
+    run_and_check(device, train_one, model, opt)
+    assert not opt._store.apart
 
 
 def test_compiled_optimizer_step(device):
