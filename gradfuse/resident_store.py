@@ -38,6 +38,7 @@ class ResidentSumStore(AdoptingStore):
         self.out_of_place = set()  # slots whose .grad a create_graph backward rebuilt
         self.apart = isinstance(previous, ResidentSumStore) and previous.apart  # a change of .grad was seen
         self.orphans = {}  # slot -> a resident sum that a cast left behind in .grad
+        self.zeroed = set()  # resident slots zero_grad() kept in .grad with no backward into them since
         self.watched = [k for b in layout.buckets if b.adopts and not b.sharded for k in b.slots
                         if k not in layout.views and layout.sorted[k].requires_grad
                         and layout.sorted[k].numel() >= RESIDENT_MIN_ELEMENTS]
@@ -72,6 +73,7 @@ class ResidentSumStore(AdoptingStore):
             self.out_of_place.add(k)
         if self.resident[k] is not None and grad is self.sums[k]:
             self.adds[k] += 1
+            self.zeroed.discard(k)
         else:
             self.left[k] = (weakref.ref(grad), grad._version)
 
@@ -134,6 +136,7 @@ class ResidentSumStore(AdoptingStore):
     def after_micro_step(self, next_is_last, amp_scale):
         """Every sum that may stays (or becomes again) its parameter's .grad for the next micro-batch."""
         self.left = [None] * len(self.left)
+        self.zeroed.clear()
         if amp_scale is not None:  # GradScaler's gradients are scaled, the sums are not
             self.apart = True
         if self.apart:
@@ -150,6 +153,12 @@ class ResidentSumStore(AdoptingStore):
         self.layout.inspector.set_grads(grads)
 
     def end_cycle(self):
+        """Sums zero_grad() kept in .grad leave it, as zero_grad() would have had them (finish_cycle(),
+        a loaded checkpoint): the next backward must not add into a spent sum."""
+        for k in self.zeroed:
+            if self.layout.sorted[k].grad is self.sums[k]:
+                self.layout.sorted[k].grad = None
+        self.zeroed.clear()
         super().end_cycle()
         n = len(self.sums)
         self.resident, self.adds, self.left = [None] * n, [0] * n, [None] * n
@@ -165,6 +174,7 @@ class ResidentSumStore(AdoptingStore):
         if set_to_none and self.sums_in_grad():
             kept = [acc if v is not None else None for acc, v in zip(self.sums, self.resident)]
             self.layout.inspector.set_grads(kept)
+        self.zeroed.update(k for k in self.watched if self.resident[k] is not None)
 
     def sums_in_grad(self):
         return any(self.resident[k] is not None for k in self.watched)

@@ -355,3 +355,71 @@ def test_param_groups_edited_mid_cycle(every_tensor, freeze):
     assert_bitwise(model, apart)
     assert torch.equal(extra, extra_apart)
     assert opt._store.watched and not opt._store.apart
+
+
+def random_training(seed, sum_in_grad):
+    """A random but legitimate loop (seeded): K per run; per micro-batch zero_grad before or after,
+    by the optimizer or the module, one or two backward passes, sometimes a parameter without a
+    gradient, a clip of every micro-batch or none; sometimes a mid-cycle checkpoint resumed into a
+    fresh model and optimizer, sometimes finish_cycle()."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(n):
+        return int(torch.randint(0, n, (), generator=rng))
+    k, clips = 1 + pick(4), pick(2) == 1
+    model = make_model(torch.float64, seed=seed)
+    opt = make_opt(model, "sgd", sum_in_grad=sum_in_grad)
+    opt.accumulation_steps = k
+    zeroed = True  # gradients were zeroed since the last step()
+    for x in batches(12, torch.float64, seed=seed):
+        if not zeroed:  # zero_grad(); backward; step(), by the optimizer or the module
+            (opt.zero_grad if pick(2) else model.zero_grad)()
+        for _ in range(1 + pick(2)):
+            out = model(x) if pick(4) else model[1](model[0](x)).sum(1, keepdim=True)  # model[2] left out
+            out.pow(2).mean().backward()
+        if clips:
+            clip_each(model)
+        opt.step()
+        zeroed = pick(2) == 1  # or backward; step(); zero_grad()
+        if zeroed:
+            opt.zero_grad()
+        if opt.micro_step and pick(5) == 0:  # resume mid-cycle in a fresh model and optimizer
+            saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+            model = make_model(torch.float64, seed=seed + 1)
+            model.load_state_dict(weights)
+            opt = make_opt(model, "sgd", sum_in_grad=sum_in_grad)
+            opt.accumulation_steps = k
+            opt.load_state_dict(saved)
+        elif opt.micro_step and pick(6) == 0:
+            opt.finish_cycle()
+    return model
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_legitimate_loops_train_as_with_the_sums_apart(every_tensor, seed):
+    # Not bit for bit: two backward passes in one micro-batch add into a sum in .grad one after the
+    # other, as torch's loop does ((S + a) + b), where a sum apart takes their sum (S + (a + b)).
+    for p, q in zip(params_of(random_training(seed, True)), params_of(random_training(seed, False))):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("end", ["finish_cycle", "load_closed_checkpoint"])
+def test_a_cycle_ended_after_zero_grad_leaves_no_spent_sum_in_grad(every_tensor, end):
+    """backward; step(); zero_grad() keeps the sum in .grad; a cycle then ended without a backward
+    (finish_cycle(), loading a checkpoint taken between cycles) must leave .grad as zero_grad() left it."""
+    def run(sum_in_grad):
+        model = make_model(torch.float64)
+        opt = make_opt(model, "sgd", sum_in_grad=sum_in_grad)
+        closed = copy.deepcopy(opt.state_dict())
+        for i, x in enumerate(batches(2 * K, torch.float64)):
+            loss_of(model, x).backward()
+            opt.step()
+            opt.zero_grad()
+            if i == 1:
+                if end == "finish_cycle":
+                    opt.finish_cycle()
+                else:
+                    opt.load_state_dict(closed)
+                assert all(p.grad is None for p in model.parameters())
+        return model
+    assert_bitwise(run(True), run(False))
