@@ -59,6 +59,8 @@ class ResidentSumStore(AdoptingStore):
                 self.orphans[k] = previous.sums[j]
             elif k in watched:
                 self.resident[k], self.adds[k] = previous.resident[j], previous.adds[j]
+                if j in previous.zeroed:
+                    self.zeroed.add(k)
             elif p.grad is self.sums[k]:  # no longer watched (frozen, regrouped): its sum leaves .grad, kept apart
                 p.grad = None
 
