@@ -3,7 +3,6 @@ hooks while each gradient is in cache, against the norm pass at the cycle's end,
 (interleaved, same process): python -m benchmarks.hot_norm [--device cpu|cuda] [--reps N]. The
 result decides gradfuse.backward_hook_store.takes_norm_hot (docs/benchmarks.md)."""
 import argparse
-import statistics
 
 import torch
 from torch import nn
@@ -11,7 +10,7 @@ from torch import nn
 import gradfuse
 from gradfuse import backward_hook_store
 
-from .training_update import header, timed_update
+from .training_update import header, interleaved_medians, timed_update
 
 CASES = ((1024, 8, 1), (1024, 8, 4), (4096, 4, 1), (256, 200, 1))  # (width, layers, K)
 
@@ -25,16 +24,14 @@ def run(device, reps):
         opt = gradfuse.FusedAccumSGD(model.parameters(), lr=1e-4, momentum=0.9, accumulation_steps=k,
                                      max_grad_norm=1.0, accumulate_in_backward=True)
         x = torch.randn(4, width, device=device)
-        times = {"hot": [], "end": []}
+
+        def one_update(mode):
+            backward_hook_store.takes_norm_hot = (lambda d, n: True) if mode == "hot" else (lambda d, n: False)
+            return timed_update(model, opt, x, k, device)
         try:
-            for _ in range(reps):
-                for mode in times:  # interleaved: both see the same machine state
-                    backward_hook_store.takes_norm_hot = (lambda d, n: True) if mode == "hot" else \
-                        (lambda d, n: False)
-                    times[mode].append(timed_update(model, opt, x, k, device))
+            med = interleaved_medians(("hot", "end"), reps, one_update)
         finally:
             backward_hook_store.takes_norm_hot = policy
-        med = {mode: statistics.median(v[reps // 5:]) * 1e3 for mode, v in times.items()}
         rows.append(dict(case=f"{layers} x Linear({width}) K={k}", hot_ms=med["hot"], end_ms=med["end"],
                          end_over_hot=med["end"] / med["hot"]))
     return rows

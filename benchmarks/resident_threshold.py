@@ -4,7 +4,6 @@ sum apart (the fused accumulate pass adds it), real autograd, K = 4, interleaved
 python -m benchmarks.resident_threshold [--device cpu|cuda] [--reps N]. The result sets
 gradfuse.resident_store.RESIDENT_MIN_ELEMENTS (docs/semantics.md)."""
 import argparse
-import statistics
 
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from torch import nn
 import gradfuse
 from gradfuse import resident_store
 
-from .training_update import header, timed_update
+from .training_update import header, interleaved_medians, timed_update
 
 CASES = ((16, 1000), (256, 200), (1024, 16))  # (width, layers): 256, 64K and 1M-element weights
 K = 4
@@ -39,11 +38,7 @@ def run(device, reps):
             model.load_state_dict(base.state_dict())
             sides[side] = (model, _optimizer(model, threshold))
         x = torch.randn(4, width, device=device)
-        times = {side: [] for side in sides}
-        for _ in range(reps):
-            for side, (model, opt) in sides.items():  # interleaved: both see the same machine state
-                times[side].append(timed_update(model, opt, x, K, device))
-        med = {side: statistics.median(v[reps // 5:]) * 1e3 for side, v in times.items()}
+        med = interleaved_medians(sides, reps, lambda side: timed_update(*sides[side], x, K, device))
         tensors = 2 * layers
         rows.append(dict(case=f"{layers} x Linear({width}) K={K}", in_grad_ms=med["in_grad"], apart_ms=med["apart"],
                          us_per_tensor_micro_batch=(med["in_grad"] - med["apart"]) * 1e3 / (K * tensors)))

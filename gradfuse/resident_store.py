@@ -20,8 +20,8 @@ from .adopting_store import AdoptingStore
 NONE = gradient_codes.NONE
 
 # Below: little memory to save, and the hook costs more than the in-place add saves (benchmarks/
-# resident_threshold.py, AMD EPYC, 2 threads: +3.7 us per 256-element tensor per micro-batch, -1.8 us at
-# 64K elements, -111 us at 1M).
+# resident_threshold.py, AMD EPYC, 2 threads, per tensor per micro-batch: +3.3 to +3.7 us with 256-element
+# tensors, -1.2 to -1.8 us with 64K-element weights, -111 to -204 us with 1M-element ones).
 RESIDENT_MIN_ELEMENTS = 1 << 16
 
 KEEP_APART = "pass sum_in_grad=False to keep every micro-batch's gradient apart from the running sum"
