@@ -1,8 +1,11 @@
 """The store under torch.distributed: each running sum becomes .grad again before the cycle's last
 backward, so autograd adds the last micro-batch into it in place and DistributedDataParallel,
 leaving no_sync() for that backward, all-reduces the whole cycle's sum once (overlapped with the
-backward). DTensor (FSDP2) shards are not handed back: FSDP2 reduces every gradient it produces.
-Under GradScaler the sum goes back scaled by this micro-batch's scale, like the gradient added to it."""
+backward). Before that (micro-batches under no_sync()), the sums stay in .grad as they do alone
+(resident_store.py; a DDP that communicates every micro-batch changes .grad after autograd, which
+keeps them apart). DTensor (FSDP2) shards are not handed back: FSDP2 reduces every gradient it
+produces. Under GradScaler the sum goes back scaled by this micro-batch's scale, like the gradient
+added to it."""
 from collections import defaultdict
 from typing import List, Optional
 
@@ -10,6 +13,7 @@ import torch
 
 from . import gradient_codes
 from .adopting_store import AdoptingStore
+from .resident_store import ResidentSumStore
 
 NONE = gradient_codes.NONE
 
@@ -23,10 +27,10 @@ def changed_sum_message(name, what):
             f"gradient_accumulation_steps), and zero gradients with optimizer.zero_grad().")
 
 
-class HandBackStore(AdoptingStore):
+class HandBackStore(ResidentSumStore):
     mode = "default"  # the user's mode is unchanged: this is the default store where ranks communicate
 
-    def __init__(self, name, layout, previous=None):
+    def __init__(self, name, layout, previous=None, keep_apart=False):
         if layout.views:
             k = next(iter(layout.views))
             raise ValueError(f"{name}: {layout.describe_slot(k)} is complex or not dense in memory; under "
@@ -35,7 +39,7 @@ class HandBackStore(AdoptingStore):
         self.handed: List[Optional[int]] = [None] * len(layout.sorted)  # version of a sum handed back as .grad
         self.handed_back = False
         self.handback_scale = None  # GradScaler's scale the handed-back sums were multiplied by
-        super().__init__(name, layout, previous)
+        super().__init__(name, layout, previous, keep_apart)
 
     def _carry(self, previous):
         super()._carry(previous)
@@ -47,9 +51,15 @@ class HandBackStore(AdoptingStore):
     def after_micro_step(self, next_is_last, amp_scale):
         if next_is_last:
             self._hand_back(amp_scale)
+        else:
+            super().after_micro_step(next_is_last, amp_scale)
 
     def _hand_back(self, amp_scale):
-        grads = [None] * len(self.layout.sorted)
+        n = len(self.layout.sorted)
+        # From here the last micro-batch's take-back (DDP's copy-back allowed) checks every sum in .grad.
+        self.resident, self.adds, self.left = [None] * n, [0] * n, [None] * n
+        self.zeroed.clear()
+        grads = [None] * n
         for b in self.layout.buckets:
             if b.sharded:
                 continue
@@ -71,9 +81,10 @@ class HandBackStore(AdoptingStore):
             self.layout.inspector.set_grads(grads)
 
     def gather(self, boundary, amp_scale):
-        gathered = super().gather(boundary, amp_scale)
-        if self.handed_back:
-            self._plan_take_back(gathered, amp_scale)
+        if not self.handed_back:
+            return super().gather(boundary, amp_scale)
+        gathered = AdoptingStore.gather(self, boundary, amp_scale)  # DDP changes .grad now: nothing to observe
+        self._plan_take_back(gathered, amp_scale)
         return gathered
 
     def _plan_take_back(self, gathered, amp_scale):
@@ -136,7 +147,7 @@ class HandBackStore(AdoptingStore):
             self.layout.inspector.set_grads([acc if v is not None else None for acc, v in zip(self.sums, self.handed)])
 
     def _keeps_as_grad(self, k, grad):
-        return self.handed[k] is not None and grad is self.sums[k]
+        return super()._keeps_as_grad(k, grad) or (self.handed[k] is not None and grad is self.sums[k])
 
     def saved_sums(self, micro_step):
         saved = super().saved_sums(micro_step)
@@ -148,7 +159,7 @@ class HandBackStore(AdoptingStore):
         return saved
 
     def restore(self, sums, micro_step, resumes_at_last, handback_scale=None, in_grad=False):
-        is_open = super().restore(sums, micro_step, resumes_at_last)
+        is_open = super().restore(sums, micro_step, resumes_at_last, None, in_grad)
         if is_open and micro_step > 0 and resumes_at_last:
             self._hand_back(handback_scale)  # as the saving run did after this micro-step
         return is_open

@@ -1,5 +1,5 @@
-"""The default store of a single process (sum_in_grad=True): between micro-batches each running sum
-stays as its parameter's .grad, so autograd adds the next micro-batch into it in place and an open
+"""The default store (sum_in_grad=True; under torch.distributed hand_back_store.py extends it): between
+micro-batches each running sum stays as its parameter's .grad, so autograd adds the next micro-batch into it in place and an open
 cycle holds what torch's own accumulation loop holds (the sums, no second gradient beside them).
 
 What stays as documented: a change of .grad between backward and step() (a framework's clip, an
@@ -30,13 +30,14 @@ KEEP_APART = "pass sum_in_grad=False to keep every micro-batch's gradient apart 
 class ResidentSumStore(AdoptingStore):
     mode = "default"
 
-    def __init__(self, name, layout, previous=None):
+    def __init__(self, name, layout, previous=None, keep_apart=False):
         n = len(layout.sorted)
         self.resident: List[Optional[int]] = [None] * n  # the sum's version when it was left as .grad
         self.adds = [0] * n  # autograd's in-place additions into the resident sum since then
         self.left: List[Optional[tuple]] = [None] * n  # (weakref, version) of what autograd left in .grad
         self.out_of_place = set()  # slots whose .grad a create_graph backward rebuilt
-        self.apart = isinstance(previous, ResidentSumStore) and previous.apart  # a change of .grad was seen
+        # A change of .grad was seen (or sum_in_grad=False): the sums stay apart from .grad.
+        self.apart = keep_apart or (isinstance(previous, ResidentSumStore) and previous.apart)
         self.orphans = {}  # slot -> a resident sum that a cast left behind in .grad
         self.zeroed = set()  # resident slots zero_grad() kept in .grad with no backward into them since
         self.watched = [k for b in layout.buckets if b.adopts and not b.sharded for k in b.slots
@@ -66,7 +67,7 @@ class ResidentSumStore(AdoptingStore):
 
     def relayout(self, layout):
         param_hooks.remove_all(self.handles)  # hooks know their slot: new layout, new hooks
-        return ResidentSumStore(self.name, layout, self)
+        return type(self)(self.name, layout, self)
 
     def autograd_left(self, k, param):
         """The hook: autograd has just accumulated slot k's gradient into param.grad."""

@@ -16,12 +16,14 @@ def make(mode, name, layout, accum_dtype, previous=None, hot_norm=None, sum_in_g
         return FlatStore(name, layout, accum_dtype, previous)
     if mode == "accumulate_in_backward":
         return BackwardHookStore(name, layout, previous, hot_norm)
+    if ranks_communicate():
+        return HandBackStore(name, layout, previous, keep_apart=not sum_in_grad)
     return _default_store(sum_in_grad)(name, layout, previous)
 
 
 def _default_store(sum_in_grad):
-    """Where ranks communicate, the default mode hands its sums back for DDP's one all-reduce;
-    alone, its sums stay in .grad between micro-batches unless sum_in_grad=False."""
+    """Where ranks communicate, the default mode hands its sums back for DDP's one all-reduce; alone,
+    its sums stay in .grad between micro-batches (both unless sum_in_grad=False)."""
     if ranks_communicate():
         return HandBackStore
     return ResidentSumStore if sum_in_grad else AdoptingStore

@@ -2,11 +2,13 @@
 FusedAccumSGD under a real torch.distributed wrapper and checks it against a single-process run
 of the full model on the concatenated batch, inside every rank. Failures raise in the rank."""
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradfuse import FusedAccumAdamW, FusedAccumSGD
+from gradfuse import FusedAccumAdamW, FusedAccumSGD, resident_store
 
 ROWS_PER_RANK = 3
 CYCLES = 3
@@ -63,9 +65,15 @@ def check_same_on_every_rank(tensors, what):
                 raise AssertionError(f"{what}: parameter {i} differs between rank {dist.get_rank()} and rank {r}")
 
 
-def ddp_no_sync(rank, ranks, use_no_sync, bucket_view, flat_buffers=False):
+def ddp_no_sync(rank, ranks, use_no_sync, bucket_view, flat_buffers=False, every_sum_in_grad=False):
+    """every_sum_in_grad: every tensor may keep its running sum in .grad (resident_store.py); between
+    micro-batches under no_sync() they must (DDP leaves .grad alone there), and be kept apart when DDP
+    communicates every micro-batch (it changes .grad after autograd)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if every_sum_in_grad:
+        resident_store.RESIDENT_MIN_ELEMENTS = 0
 
     batches = micro_batches()
     expected, expected_norms = reference_params(batches)
@@ -89,6 +97,9 @@ def ddp_no_sync(rank, ranks, use_no_sync, bucket_view, flat_buffers=False):
         opt.zero_grad()
         if opt.micro_step == 0:
             norms.append(float(opt.last_grad_norm))
+        elif every_sum_in_grad and not opt.sync_gradients and opt._store.sums_in_grad() != use_no_sync:
+            raise AssertionError(f"micro-step {opt.micro_step}: running sums in .grad "
+                                 f"{opt._store.sums_in_grad()}, expected {use_no_sync}")
     params = [p.detach() for p in model.parameters()]
     check_close(params, expected, "DDP")
     check_same_on_every_rank(params, "DDP")
@@ -402,6 +413,8 @@ def entry(rank, store, ranks, scenario, args, backend="gloo"):
     `store`, a file:// address), runs one scenario."""
     global DEVICE
     torch.set_num_threads(1)  # several ranks share two cores
+    if "GRADFUSE_TEST_RESIDENT_MIN_ELEMENTS" in os.environ:  # as tests/conftest.py does in the parent
+        resident_store.RESIDENT_MIN_ELEMENTS = int(os.environ["GRADFUSE_TEST_RESIDENT_MIN_ELEMENTS"])
     if backend == "nccl":
         torch.cuda.set_device(rank)
         DEVICE = torch.device("cuda", rank)

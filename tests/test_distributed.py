@@ -38,6 +38,12 @@ def test_ddp_no_sync_one_all_reduce_per_cycle(backend, bucket_view):
 
 
 @pytest.mark.parametrize("use_no_sync", [True, False], ids=["no_sync", "sync_each"])
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["grad_copy", "bucket_view"])
+def test_ddp_running_sums_in_grad_under_no_sync(use_no_sync, bucket_view):
+    spawn(2, "ddp_no_sync", use_no_sync, bucket_view, False, True)
+
+
+@pytest.mark.parametrize("use_no_sync", [True, False], ids=["no_sync", "sync_each"])
 def test_ddp_flat_buffers_match_single_process(use_no_sync):
     spawn(2, "ddp_no_sync", use_no_sync, False, True)
 
