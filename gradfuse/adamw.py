@@ -22,7 +22,7 @@ class FusedAccumAdamW(FusedAccumOptimizer):
     min(1, max_grad_norm / (norm + 1e-6)) and applies AdamW's update (decoupled weight decay,
     bias corrections from each parameter's own step count, amsgrad, maximize) in one pass.
 
-    Alone, running sums of tensors of 64K elements and more stay as their .grad between micro-batches
+    Running sums of tensors of 64K elements and more stay as their .grad between micro-batches
     (autograd adds into them in place: torch's own loop's memory); sum_in_grad=False keeps every
     micro-batch's gradient apart from the sums (gradfuse/resident_store.py).
 

@@ -104,7 +104,7 @@ class FusedAccumOptimizer(Optimizer):
         self._last_verdict = None  # the last cycle's CycleVerdict (last_step_skipped reads it)
         self.last_param_norms: Optional[torch.Tensor] = None  # track_param_norms=True: per parameter, float64
         self.track_param_norms = False
-        self.sum_in_grad = True  # alone, the default mode keeps running sums in .grad (resident_store.py)
+        self.sum_in_grad = True  # the default mode keeps running sums in .grad between micro-batches (resident_store.py)
         self._micro_step = 0
         self._amp_cycle = False  # a GradScaler step took part in this cycle
         self._unused_norm: Dict[torch.device, torch.Tensor] = {}  # stands in when no norm is needed

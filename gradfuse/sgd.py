@@ -16,7 +16,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
     it is not finite (skip_nonfinite), scales A by min(1, max_grad_norm / (norm + 1e-6)) and
     applies SGD (weight decay, momentum, dampening, nesterov, maximize) in one pass.
 
-    Alone, running sums of tensors of 64K elements and more stay as their .grad between micro-batches
+    Running sums of tensors of 64K elements and more stay as their .grad between micro-batches
     (autograd adds into them in place: torch's own loop's memory); sum_in_grad=False keeps every
     micro-batch's gradient apart from the sums (gradfuse/resident_store.py).
 
