@@ -116,8 +116,8 @@ class HandBackStore(ResidentSumStore):
     def add(self, gathered, with_norm, norms, norm_type, amp_scale):
         if gathered.taken_back is not None:
             for k, reduced in gathered.taken_back:
-                if reduced is not None:
-                    self.sums[k].copy_(reduced)  # DDP (gradient_as_bucket_view) rebound .grad to its bucket
+                if reduced is not None:  # DDP (gradient_as_bucket_view) rebound .grad to its bucket: the
+                    self.sums[k] = reduced  # reduced sum is read there, and the old sum freed (torch's peak)
             if self.handback_scale is not None or amp_scale is not None:
                 self._unscale_taken([self.sums[k] for k, _ in gathered.taken_back], norms, amp_scale)
         super().add(gathered, with_norm, norms, norm_type, amp_scale)
