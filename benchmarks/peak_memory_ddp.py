@@ -3,7 +3,8 @@ benchmarks/peak_memory.py measures it alone: torch's loop (no_sync() for micro-b
 autograd adds into .grad, clip_grad_norm_, SGD), gradfuse's default mode (the running sums in .grad
 under no_sync()) and the default with sum_in_grad=False (each micro-batch's .grad apart from the
 sums). Each mode runs in its own pair of processes; each rank reports its high-water resident set
-above the baseline taken after DDP is built (DDP's own buckets are in the baseline).
+above the baseline taken after DDP is built (DDP's buckets are allocated by then; their pages count
+once written).
 
     python -m benchmarks.peak_memory_ddp [--layers 8 --width 1024 --k 4]"""
 import argparse
@@ -67,8 +68,13 @@ def run_all(layers, width, k, bucket_view=False):
             out = os.path.join(folder, "peak")
             mp.spawn(_rank, args=("file://" + os.path.join(folder, "store"), mode, layers, width, k, bucket_view, out),
                      nprocs=2)
-            peaks[mode] = max(json.load(open(f"{out}.{rank}"))["peak_bytes"] for rank in range(2))
+            peaks[mode] = max(_read_peak(f"{out}.{rank}") for rank in range(2))
     return peaks
+
+
+def _read_peak(path):
+    with open(path) as handle:
+        return json.load(handle)["peak_bytes"]
 
 
 def main():
@@ -78,12 +84,12 @@ def main():
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--bucket-view", action="store_true", help="DDP(gradient_as_bucket_view=True)")
     args = parser.parse_args()
-    from .machine import _cpu_model
+    from .machine import machine_info
     param_bytes = args.layers * args.width * args.width * 4
     peaks = run_all(args.layers, args.width, args.k, args.bucket_view)
     print(f"peak memory per rank above model + DDP(gradient_as_bucket_view={args.bucket_view}), 2 ranks (gloo), "
           f"{args.layers} x Linear({args.width}) fp32 "
-          f"({param_bytes / 2**20:.0f} MiB of parameters), K={args.k}, {_cpu_model()}")
+          f"({param_bytes / 2**20:.0f} MiB of parameters), K={args.k}, {machine_info('cpu')['cpu_model']}")
     for mode, peak in peaks.items():
         print(f"{mode:16} {peak / 2**20:8.0f} MiB  ({peak / param_bytes:.2f} x parameter bytes)")
 

@@ -55,11 +55,8 @@ class HandBackStore(ResidentSumStore):
             super().after_micro_step(next_is_last, amp_scale)
 
     def _hand_back(self, amp_scale):
-        n = len(self.layout.sorted)
-        # From here the last micro-batch's take-back (DDP's copy-back allowed) checks every sum in .grad.
-        self.resident, self.adds, self.left = [None] * n, [0] * n, [None] * n
-        self.zeroed.clear()
-        grads = [None] * n
+        self._release()  # from here the last micro-batch's take-back (DDP's copy-back allowed) checks the sums
+        grads = [None] * len(self.layout.sorted)
         for b in self.layout.buckets:
             if b.sharded:
                 continue

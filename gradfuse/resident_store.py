@@ -161,12 +161,16 @@ class ResidentSumStore(AdoptingStore):
         for k in self.zeroed:
             if self.layout.sorted[k].grad is self.sums[k]:
                 self.layout.sorted[k].grad = None
-        self.zeroed.clear()
         super().end_cycle()
-        n = len(self.sums)
-        self.resident, self.adds, self.left = [None] * n, [0] * n, [None] * n
+        self._release()
         self.out_of_place.clear()
         self.orphans.clear()
+
+    def _release(self):
+        """No sum is kept in .grad by this store from here (the cycle's end; DDP's hand-back)."""
+        n = len(self.sums)
+        self.resident, self.adds, self.left = [None] * n, [0] * n, [None] * n
+        self.zeroed.clear()
 
     # ------------------------------------------------------------------ zero_grad, checkpoints
     def zero_grad(self, set_to_none, micro_step):
